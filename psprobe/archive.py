@@ -1,0 +1,348 @@
+"""Reading one esmond measurement archive (``/esmond/perfsonar/archive/``).
+
+The archive is untrusted input.  Everything it says is checked before it is
+used: a data URL must be a path below the archive's own read URL on the same
+origin (no ``..``, no query, no other host), timestamps must be integers, and
+an answer larger than ``[archive] max_answer_mb`` or slower than four times
+``timeout`` in total is abandoned.  Every failure is an :class:`ArchiveError`
+whose text is one line naming the URL.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urljoin, urlsplit
+
+import requests
+from requests.adapters import HTTPAdapter
+
+from psprobe import config
+
+log = logging.getLogger("psprobe.archive")
+
+ARCHIVE_PATH = "/esmond/perfsonar/archive/"
+METADATA_PAGE = 1000  # below both esmond's 1500 default and pS 5's cap of 10000
+MAX_METADATA_PAGES = 500
+_KEY = re.compile(r"[A-Za-z0-9_-]{1,128}")
+_EVENT = re.compile(r"[a-z0-9][a-z0-9-]{0,63}")
+_SEGMENT = re.compile(r"[A-Za-z0-9_.-]+")
+RETRY_STATUS = (500, 502, 503, 504, 429)
+
+
+class ArchiveError(Exception):
+    """The archive could not be read; the message is one line naming the URL."""
+
+
+@dataclass(frozen=True)
+class Pair:
+    """One (metadata record, event type) series to collect."""
+
+    key: str  # metadata-key
+    event_type: str
+    url: str  # absolute base-data URL, checked to be on this archive
+    record: dict  # the metadata record (for the message's meta)
+    time_updated: int | None
+
+    @property
+    def name(self) -> str:
+        return f"{self.key}/{self.event_type}"
+
+
+def default_read_url(host: str, scheme: str) -> str:
+    return f"{scheme}://{host}{ARCHIVE_PATH}"
+
+
+class Archive:
+    """An HTTP session on one archive, reused (keep-alive, one TLS session) for a run."""
+
+    def __init__(self, host: str, settings: config.Archive, read_url: str | None = None,
+                 scheme_first: str | None = None) -> None:
+        self.host = host
+        self.settings = settings
+        self.read_url = read_url
+        schemes = list(settings.schemes)
+        preferred = [s for s in (scheme_first, read_url and urlsplit(read_url).scheme) if s]
+        for s in reversed(preferred):
+            if s in schemes:
+                schemes.remove(s)
+            schemes.insert(0, s)
+        self.schemes = schemes
+        self.scheme: str | None = None  # set once an answer came back
+        self.base = ""  # read URL in use
+        self.requests = 0
+        self.session = requests.Session()
+        self.session.headers["User-Agent"] = "psprobe"
+        self.session.headers["Accept"] = "application/json"
+        adapter = HTTPAdapter(pool_connections=1, pool_maxsize=settings.parallel, max_retries=0)
+        self.session.mount("https://", adapter)
+        self.session.mount("http://", adapter)
+        self.session.verify = settings.verify
+        if settings.cert:
+            self.session.cert = (settings.cert, settings.key) if settings.key else settings.cert
+        self.session.trust_env = True
+
+    def close(self) -> None:
+        self.session.close()
+
+    def _url_for(self, scheme: str) -> str:
+        if self.read_url:
+            u = urlsplit(self.read_url)
+            path = u.path if u.path.endswith("/") else u.path + "/"
+            return f"{scheme}://{u.netloc}{path}"
+        return default_read_url(self.host, scheme)
+
+    # --- HTTP
+
+    def get_json(self, url: str, params: dict[str, Any]) -> Any:
+        """GET and decode one answer, retrying what may pass (timeouts, 5xx)."""
+        attempts = self.settings.retries + 1
+        for attempt in range(attempts):
+            try:
+                return self._get_once(url, params)
+            except (_Transient, _Connect) as e:
+                if isinstance(e, _TLS) or attempt + 1 >= attempts:
+                    if isinstance(e, _Connect):
+                        raise
+
+                    raise ArchiveError(str(e)) from None
+                log.debug("retrying %s: %s", url, e)
+                time.sleep(min(0.5 * 2**attempt, 5.0))
+        raise AssertionError("unreachable")
+
+    def _get_once(self, url: str, params: dict[str, Any]) -> Any:
+        s = self.settings
+        deadline = time.monotonic() + 4 * s.timeout
+        limit = int(s.max_answer_mb * 1024 * 1024)
+        self.requests += 1
+        try:
+            with self.session.get(url, params=params, timeout=s.timeout, stream=True,
+                                  allow_redirects=False) as r:
+                parts, size = [], 0
+                for part in r.iter_content(65536):
+                    size += len(part)
+                    if size > limit:
+                        raise ArchiveError(f"{r.url}: answer larger than {s.max_answer_mb:g} MB")
+                    if time.monotonic() > deadline:
+                        raise _Transient(f"{r.url}: answer took longer than {4 * s.timeout:g}s")
+                    parts.append(part)
+                body = b"".join(parts)
+        except requests.exceptions.SSLError as e:
+            raise _TLS(f"{url}: TLS failed: {_reason(e)}") from None
+        except requests.exceptions.ConnectionError as e:
+            if isinstance(e.args[0] if e.args else None, Exception) and "Read timed out" in str(e):
+                raise _Transient(f"{url}: no answer within {s.timeout:g}s") from None
+            raise _Connect(f"{url}: cannot connect: {_reason(e)}") from None
+        except requests.exceptions.Timeout:
+            raise _Transient(f"{url}: no answer within {s.timeout:g}s") from None
+        except requests.exceptions.RequestException as e:
+            raise _Transient(f"{url}: {_reason(e)}") from None
+        where = r.url
+        if r.status_code != 200:
+            detail = _detail(body)
+            msg = f"{where}: HTTP {r.status_code}{': ' + detail if detail else ''}"
+            if r.status_code in RETRY_STATUS:
+                raise _Transient(msg)
+            raise ArchiveError(msg)
+        try:
+            return json.loads(body)
+        except ValueError as e:
+            kind = "truncated JSON" if body[:1] in (b"[", b"{") else "not JSON"
+            raise ArchiveError(f"{where}: answer is {kind} ({e})") from None
+
+    # --- metadata
+
+    def metadata(self, time_start: int | None = None) -> Iterator[dict]:
+        """Every metadata record, paging by ``limit``/``offset`` until a short page.
+
+        The first page also picks the scheme.  Paging is ours (offsets), not the
+        server's ``metadata-next-page`` links, so a link pointing back cannot
+        loop; a page of nothing but records already seen is an error.
+        """
+        params: dict[str, Any] = {"format": "json", "limit": METADATA_PAGE}
+        if time_start is not None:
+            params["time-start"] = int(time_start)
+        first = self._first_page(params)
+        seen: set[str] = set()
+        page, offset, total = first, 0, None
+        for _ in range(MAX_METADATA_PAGES):
+            if not isinstance(page, list):
+                raise ArchiveError(f"{self.base}: metadata answer is {_kind(page)}, not a list")
+            if page and isinstance(page[0], dict) and total is None:
+                t = page[0].get("metadata-count-total")
+                total = t if isinstance(t, int) and not isinstance(t, bool) else None
+            new = 0
+            for rec in page:
+                if not isinstance(rec, dict) or not isinstance(rec.get("metadata-key"), str):
+                    raise ArchiveError(f"{self.base}: metadata record without metadata-key")
+                if rec["metadata-key"] in seen:
+                    continue
+                seen.add(rec["metadata-key"])
+                new += 1
+                yield rec
+            if len(page) < METADATA_PAGE or (total is not None and len(seen) >= total):
+                return
+            if new == 0:
+                raise ArchiveError(f"{self.base}: metadata paging loops (offset {offset})")
+            offset += METADATA_PAGE
+            page = self.get_json(self.base, {**params, "offset": offset})
+        raise ArchiveError(f"{self.base}: more than {MAX_METADATA_PAGES} metadata pages")
+
+    def _first_page(self, params: dict[str, Any]) -> Any:
+        errors = []
+        for i, scheme in enumerate(self.schemes):
+            url = self._url_for(scheme)
+            try:
+                page = self.get_json(url, params)
+            except (_Connect, _TLS) as e:
+                errors.append(str(e))
+                nxt = self.schemes[i + 1] if i + 1 < len(self.schemes) else None
+                if nxt:
+                    level = logging.WARNING if isinstance(e, _TLS) else logging.INFO
+                    log.log(level, "%s; trying %s as [archive] schemes allows", e, nxt)
+                continue
+            self.scheme, self.base = scheme, url
+            return page
+        raise ArchiveError("; ".join(errors) or f"{self.host}: no scheme to try")
+
+    def pairs(self, records: Iterator[dict], event_types: tuple[str, ...]) -> Iterator[Pair]:
+        """The wanted (record, event type) series, each checked to point into this archive."""
+        wanted = set(event_types)
+        for rec in records:
+            key = rec["metadata-key"]
+            if not _KEY.fullmatch(key):
+                log.warning("%s: skipping metadata with a bad metadata-key %r", self.base, key[:80])
+                continue
+            ets = rec.get("event-types")
+            if not isinstance(ets, list):
+                log.warning("%s: metadata %s has no event-types list", self.base, key)
+                continue
+            for et in ets:
+                if not isinstance(et, dict):
+                    continue
+                name = et.get("event-type")
+                if not isinstance(name, str) or name not in wanted or not _EVENT.fullmatch(name):
+                    continue
+                url = self.data_url(et.get("base-uri"), key, name)
+                if url is None:
+                    continue
+                tu = et.get("time-updated")
+                tu = tu if isinstance(tu, int) and not isinstance(tu, bool) else None
+                yield Pair(key, name, url, rec, tu)
+
+    def data_url(self, uri: Any, key: str, event_type: str) -> str | None:
+        """Absolute URL of a series' base data, or None (and a warning) if it leaves the archive."""
+        base = urlsplit(self.base)
+        if not isinstance(uri, str) or not uri:
+            uri = f"{base.path}{key}/{event_type}/base"
+        u = urlsplit(urljoin(self.base, uri))
+        segments = u.path[len(base.path):].split("/") if u.path.startswith(base.path) else []
+        ok = (
+            u.scheme in ("http", "https")
+            and u.netloc.lower() == base.netloc.lower()
+            and not u.query and not u.fragment
+            and "%" not in uri
+            and len(segments) >= 2
+            and all(_SEGMENT.fullmatch(s) and s not in (".", "..") for s in segments if s)
+            and segments[0] == key
+            and segments[1] == event_type
+        )
+        if not ok:
+            log.warning("%s: skipping %s/%s: base-uri %r is not a series of this archive",
+                        self.base, key, event_type, uri[:120])
+            return None
+        return f"{base.scheme}://{base.netloc}{u.path}"
+
+    # --- data
+
+    def points(self, pair: Pair, start: int, end: int) -> Iterator[list[tuple[int, Any]]]:
+        """Pages of ``(ts, val)`` in ascending order with start <= ts <= end.
+
+        Pages by ``time-start = last ts + 1`` until a page comes back shorter than
+        ``limit``.  Points outside the window are dropped (the next run asks
+        again), duplicates dropped, disorder sorted; a point without an integer
+        ``ts`` makes the page an error, because skipping it could lose data.
+        """
+        limit = self.settings.page_points
+        while start <= end:
+            params = {"time-start": start, "time-end": end, "limit": limit}
+            page = self.get_json(pair.url, params)
+            if not isinstance(page, list):
+                raise ArchiveError(f"{pair.url}: data answer is {_kind(page)}, not a list")
+            pts = _checked(page, pair.url, start, end)
+            if pts:
+                yield pts
+            if len(page) < limit:
+                return
+            if not pts:
+                raise ArchiveError(f"{pair.url}: full page with no point in the window")
+            start = pts[-1][0] + 1
+
+
+def _checked(page: list, url: str, start: int, end: int) -> list[tuple[int, Any]]:
+    out = []
+    last = None
+    ordered = True
+    for p in page:
+        try:
+            ts, val = p["ts"], p["val"]
+        except (TypeError, KeyError):
+            raise ArchiveError(f"{url}: data point without ts/val: {str(p)[:80]}") from None
+        if type(ts) is not int:
+            raise ArchiveError(f"{url}: data point with a non-integer ts {ts!r}")
+        if start <= ts <= end:
+            if last is not None and ts <= last:
+                ordered = False
+            last = ts
+            out.append((ts, val))
+    if len(out) < len(page):
+        log.warning("%s: dropped %d point(s) outside the asked window", url, len(page) - len(out))
+    if not ordered:
+        n = len(out)
+        out = sorted(dict(out[::-1]).items())  # first value of each ts wins
+        if len(out) < n:
+            log.warning("%s: dropped %d duplicate timestamp(s)", url, n - len(out))
+    return out
+
+
+class _Transient(ArchiveError):
+    """Worth another try: timeout, 5xx."""
+
+
+class _Connect(ArchiveError):
+    """Could not connect at all: the next scheme may work."""
+
+
+class _TLS(_Connect):
+    """TLS handshake or verification failed."""
+
+
+def _kind(obj: Any) -> str:
+    return {dict: "an object", str: "a string", type(None): "null"}.get(type(obj), type(obj).__name__)
+
+
+def _detail(body: bytes) -> str:
+    try:
+        d = json.loads(body)
+        if isinstance(d, dict) and isinstance(d.get("detail"), str):
+            return d["detail"][:200]
+    except ValueError:
+        pass
+    text = body[:200].decode("utf-8", "replace").strip()
+    return re.sub(r"\s+", " ", re.sub(r"<[^>]*>", " ", text)).strip()[:120]
+
+
+def _reason(e: Exception) -> str:
+    """The innermost useful words of a requests/urllib3 exception."""
+    text = str(e)
+    for pat in (r"\[SSL: [A-Z_]+\] ([^(]+?)(?: \(|'|\"|$)", r"\[Errno -?\d+\] ([^'\")]+)",
+                r"(Name or service not known|Connection refused|certificate verify failed[^'\")]*)"):
+        m = re.search(pat, text)
+        if m:
+            return m.group(1).strip()
+    return text.split(":")[-1].strip()[:160] or type(e).__name__

@@ -1,0 +1,76 @@
+"""Shared fixtures: a real RabbitMQ exchange per test, and config files."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
+
+AMQP_URL = os.environ.get("PSPROBE_TEST_AMQP", "amqp://guest:guest@127.0.0.1:5672/%2F")
+
+
+@dataclass
+class Delivered:
+    routing_key: str
+    message_id: str
+    delivery_mode: int
+    content_type: str
+    body: dict
+
+
+class Bus:
+    """A fresh topic exchange with one queue bound to every key: what arrived, exactly."""
+
+    def __init__(self) -> None:
+        import pika
+
+        self.exchange = f"test.psprobe.{uuid.uuid4().hex[:10]}"
+        self.conn = pika.BlockingConnection(pika.URLParameters(AMQP_URL))
+        self.ch = self.conn.channel()
+        self.ch.exchange_declare(self.exchange, exchange_type="topic", auto_delete=False)
+        self.queue = self.ch.queue_declare("", exclusive=True).method.queue
+        self.ch.queue_bind(self.queue, self.exchange, routing_key="#")
+
+    def drain(self) -> list[Delivered]:
+        """Everything in the queue now. Confirmed publishes are already enqueued."""
+        out = []
+        while True:
+            method, props, body = self.ch.basic_get(self.queue, auto_ack=True)
+            if method is None:
+                return out
+            out.append(Delivered(method.routing_key, props.message_id, props.delivery_mode,
+                                 props.content_type, json.loads(body)))
+
+    def close(self) -> None:
+        try:
+            self.ch.exchange_delete(self.exchange)
+            self.conn.close()
+        except Exception:
+            pass
+
+
+@pytest.fixture
+def bus():
+    b = Bus()
+    yield b
+    b.close()
+
+
+def write_config(path: Path, sections: dict[str, dict[str, object]]) -> Path:
+    """An INI file from {section: {key: value}}."""
+    lines = []
+    for section, kv in sections.items():
+        lines.append(f"[{section}]")
+        lines += [f"{k} = {v}" for k, v in kv.items()]
+        lines.append("")
+    path.write_text("\n".join(lines))
+    return path

@@ -1,0 +1,1 @@
+"""System tests: a real systemd in a container (see container.py)."""
