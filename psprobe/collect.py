@@ -12,7 +12,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -66,25 +66,39 @@ def read_url_of(cfg: Config, host: str) -> str | None:
 
 
 def collect(cfg: Config, host: str, outlet: Outlet, cp: Checkpoint, *,
-            now: float | None = None, dry_run: bool = False) -> Result:
-    """Collect everything new on ``host``; the checkpoint moves after each confirm."""
+            now: float | None = None, dry_run: bool = False,
+            backfill: tuple[int, int] | None = None,
+            progress: Callable[[Result], None] | None = None) -> Result:
+    """Collect everything new on ``host``; the checkpoint moves after each confirm.
+
+    ``backfill=(since, until)`` re-reads that window of every series instead,
+    and leaves the checkpoint where it is (the same ids, so consumers can drop
+    what they already have).  ``progress`` is called after each message.
+    """
     res = Result(host, started=time.time())
     now_i = int(now if now is not None else res.started)
     c, a = cfg.collect, cfg.archive
+    move = not dry_run and backfill is None
     arch = Archive(host, a, read_url_of(cfg, host), cp.scheme)
     if a.verify is False:
         log.warning("%s: TLS certificate verification is OFF ([archive] verify = no)", host)
     try:
         lookback = now_i - int(c.first_run_lookback)
-        since = min([lookback, *(v + 1 for v in cp.pairs.values())])
+        if backfill:
+            since, now_i = backfill
+        else:
+            since = min([lookback, *(v + 1 for v in cp.pairs.values())])
         pairs = list(arch.pairs(arch.metadata(time_start=since), c.event_types))
         res.series = len(pairs)
-        if arch.scheme != cp.scheme and not dry_run:
+        if arch.scheme != cp.scheme and move:
             cp.scheme = arch.scheme
             cp.save()
-        todo = _plan(pairs, cp, lookback, now_i, host)
+        if backfill:
+            todo = [(p, since) for p in pairs if p.time_updated is None or p.time_updated >= since]
+        else:
+            todo = _plan(pairs, cp, lookback, now_i, host)
         res.fetched = len(todo)
-        _run(arch, todo, now_i, cfg, outlet, cp, res, dry_run)
+        _run(arch, todo, now_i, cfg, outlet, cp if move else None, res, progress)
     except ArchiveError as e:
         res.status, res.error = ARCHIVE_FAILED, str(e)
     except BrokerError as e:
@@ -123,7 +137,7 @@ _DONE = object()
 
 
 def _run(arch: Archive, todo: list[tuple[Pair, int]], now: int, cfg: Config, outlet: Outlet,
-         cp: Checkpoint, res: Result, dry_run: bool) -> None:
+         cp: Checkpoint | None, res: Result, progress: Callable[[Result], None] | None) -> None:
     if not todo:
         return
     prefix, chunk = cfg.broker.routing_key_prefix, cfg.collect.chunk_points
@@ -157,14 +171,14 @@ def _run(arch: Archive, todo: list[tuple[Pair, int]], now: int, cfg: Config, out
         for pair, start in todo:
             pool.submit(produce, pair, start)
         try:
-            _consume(q, len(todo), outlet, cp, res, dry_run)
+            _consume(q, len(todo), outlet, cp, res, progress)
         finally:
             stop.set()
             pool.shutdown(wait=True, cancel_futures=True)
 
 
-def _consume(q: queue.Queue, pending: int, outlet: Outlet, cp: Checkpoint, res: Result,
-             dry_run: bool) -> None:
+def _consume(q: queue.Queue, pending: int, outlet: Outlet, cp: Checkpoint | None, res: Result,
+             progress: Callable[[Result], None] | None) -> None:
     first_error = None
     while pending:
         pair, item = q.get()
@@ -178,12 +192,14 @@ def _consume(q: queue.Queue, pending: int, outlet: Outlet, cp: Checkpoint, res: 
         else:
             msg: Message = item
             outlet.send(msg)  # returns once the broker confirmed
-            if not dry_run:
+            if cp is not None:
                 cp.advance(pair.name, msg.last_ts)
             res.points += msg.points
             res.messages += 1
             res.points_by_type[pair.event_type] = res.points_by_type.get(pair.event_type, 0) \
                 + msg.points
+            if progress:
+                progress(res)
     if res.failed:
         res.status = ARCHIVE_FAILED
         res.error = f"{res.failed} of {res.fetched} series could not be read; first: {first_error}"

@@ -121,7 +121,8 @@ def connection_parameters(settings: config.Broker):
     tls = u.scheme == "amqps"
     password = unquote(u.password) if u.password is not None else None
     if settings.password_file:
-        password = config.read_secret(settings.password_file, "[broker] password_file")
+        # An empty file (as packaged) means no password of its own.
+        password = config.read_secret(settings.password_file, "[broker] password_file") or password
     vhost = unquote(u.path[1:]) if len(u.path) > 1 else "/"
     ssl_options = None
     if tls:

@@ -40,7 +40,6 @@ def fetcher(cfg: Config) -> Callable[[str], bytes]:
 
     m = cfg.mesh
     session = requests.Session()
-    session.verify = m.verify
     session.headers["User-Agent"] = "psprobe"
 
     def fetch(url: str) -> bytes:
@@ -55,7 +54,7 @@ def fetcher(cfg: Config) -> Callable[[str], bytes]:
         last: Exception | None = None
         for attempt in range(m.retries + 1):
             try:
-                with session.get(url, timeout=m.timeout, stream=True) as r:
+                with session.get(url, timeout=m.timeout, stream=True, verify=m.verify) as r:
                     r.raise_for_status()
                     parts, size = [], 0
                     for part in r.iter_content(65536):
@@ -130,7 +129,7 @@ def _one_mesh(url: str, fetch: Callable[[str], bytes], sd: str, now: float, forg
     """(hosts, fresh) of one mesh: fresh from the network, else the last good list."""
     cache = _cache_path(sd, url)
     try:
-        res = mesh.discover(url, fetch)
+        res = mesh.discover(url, fetch, max_bytes=MAX_MESH_BYTES)
         for w in res.warnings:
             log.warning("%s", w)
         if res.complete:
