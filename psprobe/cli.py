@@ -74,7 +74,13 @@ def collect(ctx: click.Context, host: str, dry_run: bool) -> None:
     from psprobe import runner
 
     cfg = _config(ctx)
-    sys.exit(runner.collect_host(cfg, _host(host), dry_run=dry_run))
+    h = _host(host)
+    if not dry_run:
+        from psprobe import slots
+
+        # Already held when bin/psprobe took it before the imports.
+        slots.hold(cfg.collect.runtime_dir, cfg.collect.max_concurrent)
+    sys.exit(runner.collect_host(cfg, h, dry_run=dry_run))
 
 
 

@@ -108,8 +108,7 @@ class BrokerOutlet:
         if isinstance(e, (ex.StreamLostError, ex.ConnectionWrongStateError)):
             return "connection lost"
         if isinstance(e, ex.AMQPConnectionError):
-            inner = e.args[0] if e.args else e
-            return f"cannot connect ({inner if str(inner) else type(inner).__name__})".replace("\n", " ")
+            return f"cannot connect ({_root_cause(e)})"
         return f"{type(e).__name__}: {e}".replace("\n", " ")
 
 
@@ -142,3 +141,18 @@ def connection_parameters(settings: config.Broker):
         stack_timeout=settings.timeout, connection_attempts=1,
         client_properties={"connection_name": "psprobe"},
     )
+
+
+def _root_cause(e: BaseException) -> str:
+    """pika wraps a refused socket three deep; dig out the words that say what happened."""
+    for _ in range(6):
+        inner = getattr(e, "exception", None)
+        if inner is None and getattr(e, "exceptions", None):
+            inner = e.exceptions[-1]
+        if inner is None and e.args and isinstance(e.args[0], BaseException):
+            inner = e.args[0]
+        if inner is None:
+            break
+        e = inner
+    text = getattr(e, "strerror", None) or str(e) or type(e).__name__
+    return text.replace("\n", " ")[:200]

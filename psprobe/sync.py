@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from psprobe import hostnames, mesh, state, units
+from psprobe import hostnames, mesh, metrics, state, units
 from psprobe.archive import default_read_url
 from psprobe.config import Config
 
@@ -191,13 +191,16 @@ def apply(cfg: Config, p: Plan, unit_dir: Path, *, now: float, systemctl: bool =
     changes = [c for c in old.get("changes", []) if c.get("time", 0) >= now - SYNC_KEEP]
     if p.added or p.removed:
         changes.append({"time": now, "added": p.added, "removed": p.removed})
-    state.write_json_atomic(path, {
+    rec = {
         "last_run": now,
         "last_success": now if not p.failed else old.get("last_success"),
         "hosts": sorted(p.targets),
         "failed_meshes": p.failed,
         "changes": changes,
-    })
+    }
+    state.write_json_atomic(path, rec)
+    metrics.remove_hosts(cfg.metrics.textfile_dir, p.removed)
+    metrics.write_sync(cfg.metrics.textfile_dir, rec)
 
 
 def describe(p: Plan) -> str:

@@ -74,3 +74,22 @@ def write_config(path: Path, sections: dict[str, dict[str, object]]) -> Path:
         lines.append("")
     path.write_text("\n".join(lines))
     return path
+
+
+@pytest.fixture(autouse=True)
+def _psprobe_logging_to_caplog():
+    """A CLI test may have routed the psprobe logger to a stream; give it back to caplog."""
+    import logging
+
+    lg = logging.getLogger("psprobe")
+    lg.handlers[:] = []
+    lg.propagate = True
+    lg.setLevel(logging.DEBUG)
+    yield
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests that use the real broker are marked `broker`, so an offline build (%check) can skip them."""
+    for item in items:
+        if "bus" in getattr(item, "fixturenames", ()) or item.path.parent.name == "faults":
+            item.add_marker(pytest.mark.broker)

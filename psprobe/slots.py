@@ -1,0 +1,222 @@
+"""The machine-wide bound on concurrent collects: one flock'd slot file per run.
+
+Why: 2 000 host timers can fall due together (a boot, a sync that enabled
+them all, a clock jump).  Each collect holds an exclusive flock(2) on one of
+``[collect] runtime_dir/slot.0 .. slot.N-1`` (N = ``[collect] max_concurrent``)
+for its whole run, so at most N archives are read at once; the others wait,
+blocked in flock, before they import anything heavy (``bin/psprobe`` calls
+:func:`early` first: a waiting process is ~3 MB instead of ~25 MB).  The kernel
+drops a lock when its process dies, so a killed run can never leak a slot.
+
+This module must stay cheap to import: os, fcntl, signal, configparser (no
+dataclasses, no random: they would add ~2 MB to every waiting process).
+"""
+
+from __future__ import annotations
+
+import configparser
+import errno
+import fcntl
+import os
+import signal
+import sys
+import time
+
+# Same as psprobe.config.DEFAULT_PATH (a test checks): importing config costs ~2 MB.
+DEFAULT_CONFIG = "/etc/psprobe/psprobe.conf"
+DEFAULT_RUNTIME_DIR = "/run/psprobe"
+DEFAULT_MAX = 8
+TICK = 1.0  # a waiter rescans every slot about this often (seconds, randomised)
+
+
+class Slot:
+    """A held slot: the lock lasts as long as ``fd`` is open (or the process lives)."""
+
+    __slots__ = ("fd", "index", "path", "waited")
+
+    def __init__(self, index: int, path: str, fd: int, waited: float) -> None:
+        self.index, self.path, self.fd = index, path, fd
+        self.waited = waited  # seconds spent waiting for it
+
+    def release(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+def _rand(n: int) -> int:
+    """A random index below n, spread over waiters (os.urandom: no random module)."""
+    return int.from_bytes(os.urandom(4), "little") % n
+
+
+_held: Slot | None = None
+
+
+class _Tick(Exception):
+    """Raised by SIGALRM to break a blocking flock and rescan the other slots."""
+
+
+def _on_alarm(signum: int, frame: object) -> None:
+    raise _Tick
+
+
+def _open(path: str) -> int:
+    return os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o660)
+
+
+def _try(path: str) -> int | None:
+    """The fd of ``path`` locked, or None when another process holds it."""
+    fd = _open(path)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        os.close(fd)
+        if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            return None
+        raise
+    return fd
+
+
+def acquire(runtime_dir: str, n: int, *, tick: float = TICK) -> Slot | None:
+    """Block until one of ``n`` slots is ours; None when ``n`` is 0 (no bound).
+
+    Scans every slot without blocking (from a random one, so waiters spread);
+    when all are taken, blocks in flock on a random slot and rescans every
+    ``tick`` seconds or so (SIGALRM breaks the flock), so a slot freed
+    anywhere is taken within about a tick.  Raises OSError when the directory
+    or a slot file cannot be used.
+    """
+    if n <= 0:
+        return None
+    os.makedirs(runtime_dir, mode=0o750, exist_ok=True)
+    paths = [os.path.join(runtime_dir, f"slot.{k}") for k in range(n)]
+    t0 = time.monotonic()
+    while True:
+        first = _rand(n)
+        for k in (*range(first, n), *range(first)):
+            fd = _try(paths[k])
+            if fd is not None:
+                return Slot(k, paths[k], fd, time.monotonic() - t0)
+        k = _rand(n)
+        fd = _open(paths[k])
+        try:
+            old = signal.signal(signal.SIGALRM, _on_alarm)
+        except ValueError:  # not the main thread: no alarm to break a flock, so poll
+            os.close(fd)
+            time.sleep(tick * (0.5 + _rand(1000) / 1000))
+            continue
+        try:
+            signal.setitimer(signal.ITIMER_REAL, tick * (0.5 + _rand(1000) / 1000))
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            signal.setitimer(signal.ITIMER_REAL, 0)
+        except _Tick:
+            # The alarm may have come just after flock returned: closing the fd
+            # drops the lock in that case too, so nothing is held twice.
+            os.close(fd)
+            continue
+        except BaseException:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            os.close(fd)
+            raise
+        finally:
+            signal.signal(signal.SIGALRM, old)
+        return Slot(k, paths[k], fd, time.monotonic() - t0)
+
+
+def hold(runtime_dir: str, n: int) -> Slot | None:
+    """Take a slot for the rest of this process (once; later calls return the same).
+
+    A slot directory that cannot be used costs the bound, never the run: one
+    warning on stderr, and the collect goes ahead unbounded.
+    """
+    global _held
+    if _held is not None or n <= 0:
+        return _held
+    try:
+        _held = acquire(runtime_dir, n)
+    except OSError as e:
+        _say(4, f"collect: cannot use run slots in {runtime_dir} ({e.strerror}); "
+                f"running without the [collect] max_concurrent bound")
+        return None
+    if _held is not None and _held.waited >= 1.0:
+        _say(6, f"collect: waited {_held.waited:.1f}s for a run slot "
+                f"([collect] max_concurrent = {n})")
+    return _held
+
+
+def held() -> Slot | None:
+    return _held
+
+
+def settings(path: str | None = None) -> tuple[str, int] | None:
+    """``(runtime_dir, max_concurrent)`` from the configuration files, read cheaply.
+
+    None when the files cannot be read or a value is bad: then the full
+    configuration load reports the error (exit 2) before anything runs.
+    ``[host NAME]`` sections do not count: the bound is the machine's.
+    """
+    path = path or os.environ.get("PSPROBE_CONFIG") or DEFAULT_CONFIG
+    confd = os.path.join(os.path.dirname(path), "conf.d")
+    try:
+        extra = sorted(os.path.join(confd, f) for f in os.listdir(confd) if f.endswith(".conf"))
+    except OSError:
+        extra = []
+    runtime_dir, n = DEFAULT_RUNTIME_DIR, DEFAULT_MAX
+    for fname in [path, *extra]:
+        cp = configparser.ConfigParser(interpolation=None, default_section="\0none")
+        try:
+            with open(fname, encoding="utf-8") as f:
+                cp.read_file(f, source=fname)
+        except (OSError, UnicodeDecodeError, configparser.Error):
+            return None
+        if cp.has_section("collect"):
+            sec = cp["collect"]
+            try:
+                if "max_concurrent" in sec:
+                    n = int(sec["max_concurrent"].strip())
+                if "runtime_dir" in sec:
+                    runtime_dir = sec["runtime_dir"].strip()
+            except ValueError:
+                return None
+    if not 0 <= n <= 10_000 or not runtime_dir.startswith("/"):
+        return None
+    return runtime_dir, n
+
+
+def early(argv: list[str]) -> Slot | None:
+    """From ``bin/psprobe``: for ``[--config P] [-v] collect HOST``, hold a slot now.
+
+    Anything else (another command, --dry-run, --help, an option this does not
+    know) returns None untouched: the CLI takes the slot after its imports.
+    """
+    config = None
+    args = list(argv)
+    while args and args[0].startswith("-"):
+        a = args.pop(0)
+        if a in ("-v", "--verbose"):
+            continue
+        if a == "--config" and args:
+            config = args.pop(0)
+        elif a.startswith("--config="):
+            config = a[len("--config="):]
+        else:
+            return None
+    if len(args) != 2 or args[0] != "collect" or args[1].startswith("-"):
+        return None
+    found = settings(config)
+    if found is None:
+        return None
+    return hold(*found)
+
+
+def _say(priority: int, line: str) -> None:
+    """One log line like psprobe.log's (``<N>`` prefix for journald), without importing it."""
+    try:
+        tty = sys.stderr.isatty()
+    except (AttributeError, ValueError):
+        tty = False
+    if os.environ.get("JOURNAL_STREAM") or not tty:
+        line = f"<{priority}>{line}"
+    elif priority <= 4:
+        line = f"warning: {line}"
+    print(line, file=sys.stderr, flush=True)
