@@ -18,7 +18,7 @@ from pathlib import Path
 import pika
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from esmond_sim import EsmondSim  # noqa: E402
+from esmond_sim import EsmondSim
 
 AMQP = "amqp://guest:guest@127.0.0.1:5672/%2F"
 
