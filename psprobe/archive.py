@@ -16,6 +16,8 @@ import re
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from itertools import islice
+from operator import itemgetter, lt
 from typing import Any
 from urllib.parse import urljoin, urlsplit
 
@@ -84,6 +86,12 @@ class Archive:
         self.session.mount("http://", adapter)
         # verify goes with each request: a Session-level value loses to $REQUESTS_CA_BUNDLE.
         self.verify = settings.verify
+        if self.verify is False:
+            # collect logs its own one-line warning per run; urllib3's would add a
+            # multi-line Python warning to the journal as well.
+            import urllib3
+
+            urllib3.disable_warnings(urllib3.exceptions.InsecureRequestWarning)
         if settings.cert:
             self.session.cert = (settings.cert, settings.key) if settings.key else settings.cert
 
@@ -106,10 +114,13 @@ class Archive:
             try:
                 return self._get_once(url, params)
             except (_Transient, _Connect) as e:
-                if isinstance(e, _TLS) or attempt + 1 >= attempts:
+                # Before an answer came back, a connect failure means "try the next
+                # scheme" at once; afterwards (a keep-alive reset, the server
+                # restarting) it passes like a timeout and is worth another try.
+                first_contact = isinstance(e, _Connect) and self.scheme is None
+                if isinstance(e, _TLS) or first_contact or attempt + 1 >= attempts:
                     if isinstance(e, _Connect):
                         raise
-
                     raise ArchiveError(str(e)) from None
                 log.debug("retrying %s: %s", url, e)
                 time.sleep(min(0.5 * 2**attempt, 5.0))
@@ -278,16 +289,43 @@ class Archive:
             if not isinstance(page, list):
                 raise ArchiveError(f"{pair.url}: data answer is {_kind(page)}, not a list")
             pts = _checked(page, pair.url, start, end)
+            full = len(page) >= limit
+            # Nothing of the page stays alive here while the caller waits for the
+            # broker: it may clear() what it got (collect does) to free the values.
+            del page
+            last = pts[-1][0] if pts else None
             if pts:
                 yield pts
-            if len(page) < limit:
+                del pts
+            if not full:
                 return
-            if not pts:
+            if last is None:
                 raise ArchiveError(f"{pair.url}: full page with no point in the window")
-            start = pts[-1][0] + 1
+            start = last + 1
+
+
+def _fast(page: list, start: int, end: int) -> list[tuple[int, Any]] | None:
+    """The usual page (integer ts, strictly ascending, inside the window) checked at C speed.
+
+    None for anything else: :func:`_checked` then walks it point by point.
+    """
+    try:
+        out = [(p["ts"], p["val"]) for p in page]
+    except (TypeError, KeyError, IndexError):
+        return None
+    if not out:
+        return out
+    ts = list(map(itemgetter(0), out))
+    if set(map(type, ts)) != {int} or ts[0] < start or ts[-1] > end \
+            or not all(map(lt, ts, islice(ts, 1, None))):
+        return None
+    return out
 
 
 def _checked(page: list, url: str, start: int, end: int) -> list[tuple[int, Any]]:
+    fast = _fast(page, start, end)
+    if fast is not None:
+        return fast
     out = []
     last = None
     ordered = True
@@ -343,8 +381,10 @@ def _detail(body: bytes) -> str:
 def _reason(e: Exception) -> str:
     """The innermost useful words of a requests/urllib3 exception."""
     text = str(e)
-    for pat in (r"\[SSL: [A-Z_]+\] ([^(]+?)(?: \(|'|\"|$)", r"\[Errno -?\d+\] ([^'\")]+)",
-                r"(Name or service not known|Connection refused|certificate verify failed[^'\")]*)"):
+    for pat in (r"\[SSL: [A-Z0-9_]+\] ([^(]+?)(?: \(|'|\"|$)", r"\[Errno -?\d+\] ([^'\")]+)",
+                r"(Name or service not known|Connection refused|certificate verify failed[^'\")]*"
+                r"|Remote end closed connection without response|Connection reset by peer)",
+                r"(IncompleteRead\(\d+ bytes read, \d+ more expected\))"):
         m = re.search(pat, text)
         if m:
             return m.group(1).strip()

@@ -4,12 +4,18 @@ A checkpoint maps each series (``<metadata-key>/<event-type>``) to the newest
 timestamp the broker has *confirmed*.  It only ever moves forward, and it is
 rewritten atomically after every confirmed message, so a run killed at any
 instant resends at most the one message that was in flight.
+
+At the end of each run a copy goes to ``checkpoint.prev.json``.  If the
+checkpoint is later found damaged (disk trouble, a hand edit), the copy is a
+position no newer than what the broker confirmed, so resuming from it loses
+nothing and resends at most what was confirmed after the copy was taken.
 """
 
 from __future__ import annotations
 
 import errno
 import fcntl
+import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +23,9 @@ from pathlib import Path
 from psprobe import state
 
 VERSION = 1
+COPY = "checkpoint.prev.json"
+
+log = logging.getLogger("psprobe.checkpoint")
 
 
 class StateError(Exception):
@@ -38,36 +47,77 @@ class Checkpoint:
             self.pairs[pair] = ts
             self.save()
 
-    def save(self) -> None:
+    def save(self, path: Path | None = None) -> None:
+        path = path or self.path
         try:
-            state.write_json_atomic(self.path, {"version": VERSION, "scheme": self.scheme,
-                                                "pairs": self.pairs})
+            state.write_json_atomic(path, {"version": VERSION, "scheme": self.scheme,
+                                           "pairs": self.pairs})
         except OSError as e:
-            raise StateError(f"{self.path}: cannot write checkpoint: {e.strerror}") from None
+            raise StateError(f"{path}: cannot write checkpoint: {e.strerror}") from None
+
+    def sweep(self) -> int:
+        """Remove temp files a killed run left (only under the host's lock)."""
+        n = 0
+        for p in self.path.parent.glob(".checkpoint*.json.*.tmp"):
+            try:
+                p.unlink()
+                n += 1
+            except FileNotFoundError:
+                pass
+            except OSError as e:
+                log.warning("%s: cannot remove a stale temp file: %s", p, e.strerror)
+        return n
+
+    def keep_copy(self) -> None:
+        """Copy the confirmed position aside (end of a run): the fallback if the file breaks."""
+        if self.pairs:
+            self.save(self.path.with_name(COPY))
 
 
-def load(state_dir: str, host: str) -> Checkpoint:
-    """The host's checkpoint; a missing one is empty, a damaged one is an error.
-
-    A damaged checkpoint is left in place, untouched, for the operator: guessing
-    a position could skip data (gaps) or resend days of it.
-    """
-    path = state.host_dir(state_dir, host) / "checkpoint.json"
-    try:
-        data = state.read_json(path, default=None)
-    except ValueError as e:
-        raise StateError(f"{e}; move it aside to start from [collect] first_run_lookback") from None
-    except OSError as e:
-        raise StateError(f"{path}: cannot read checkpoint: {e.strerror}") from None
+def _parse(path: Path) -> Checkpoint | None:
+    """The checkpoint in ``path`` (None if missing); ValueError if damaged."""
+    data = state.read_json(path, default=None)
     if data is None:
-        return Checkpoint(path)
+        return None
     pairs = data.get("pairs") if isinstance(data, dict) else None
     if not isinstance(pairs, dict) or not all(
         isinstance(k, str) and type(v) is int for k, v in pairs.items()
     ):
-        raise StateError(f"{path}: checkpoint has the wrong shape; move it aside to start over")
+        raise ValueError(f"{path}: checkpoint has the wrong shape")
     scheme = data.get("scheme")
     return Checkpoint(path, dict(pairs), scheme if scheme in ("http", "https") else None)
+
+
+def load(state_dir: str, host: str) -> Checkpoint:
+    """The host's checkpoint; a missing one is empty.
+
+    A damaged one is replaced by the copy of the end of the last run (kept
+    as ``checkpoint.json.damaged`` for the operator, with a warning).  With no
+    usable copy it is an error: guessing a position could skip data (gaps) or
+    resend days of it.
+    """
+    path = state.host_dir(state_dir, host) / "checkpoint.json"
+    try:
+        cp = _parse(path)
+        return cp if cp is not None else Checkpoint(path)
+    except OSError as e:
+        raise StateError(f"{path}: cannot read checkpoint: {e.strerror}") from None
+    except ValueError as e:
+        damage = str(e)
+    try:
+        copy = _parse(path.with_name(COPY))
+    except (OSError, ValueError):
+        copy = None
+    if copy is None:
+        raise StateError(f"{damage}; no usable {COPY} either: move it aside to start from "
+                         "[collect] first_run_lookback") from None
+    try:
+        os.replace(path, path.with_name(path.name + ".damaged"))
+    except OSError as e:
+        raise StateError(f"{damage}; cannot move it aside: {e.strerror}") from None
+    log.warning("%s; resuming from %s (the end of the last run), kept the damaged file as "
+                "%s.damaged", damage, COPY, path.name)
+    return Checkpoint(path, copy.pairs, copy.scheme)
 
 
 class Busy(Exception):

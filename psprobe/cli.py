@@ -35,6 +35,18 @@ def _host(name: str) -> str:
         _fail(f"{name!r}: not a valid host: {e}", 2)
 
 
+def _held_by_pause(cfg, what: str) -> None:
+    """A timer-started run while `psprobe pause` holds: exit 0 doing nothing (by hand: warn, run)."""
+    from psprobe import control
+
+    if control.paused(cfg.collect.state_dir) is None:
+        return
+    if control.under_systemd():
+        log.info("%s: psprobe is paused (psprobe resume); nothing to do", what)
+        sys.exit(0)
+    log.warning("%s: psprobe is paused; running anyway, as asked by hand", what)
+
+
 def _fail(line: str, status: int):
     log.error("%s", line)
     sys.exit(status)
@@ -76,6 +88,7 @@ def collect(ctx: click.Context, host: str, dry_run: bool) -> None:
     cfg = _config(ctx)
     h = _host(host)
     if not dry_run:
+        _held_by_pause(cfg, f"collect {h}")
         from psprobe import slots
 
         # Already held when bin/psprobe took it before the imports.
@@ -106,6 +119,8 @@ def sync(ctx: click.Context, dry_run: bool, unit_dir: str | None, no_systemctl: 
     from psprobe import sync as msync
 
     cfg = _config(ctx)
+    if not dry_run:
+        _held_by_pause(cfg, "sync")
     udir = Path(unit_dir or cfg.mesh.unit_dir)
     now = time.time()
     fetch = msync.fetcher(cfg)
@@ -133,3 +148,204 @@ def sync(ctx: click.Context, dry_run: bool, unit_dir: str | None, no_systemctl: 
             "FAILED" if p.failed else "ok", len(p.targets), len(p.added), len(p.removed),
             len(p.kept), len(p.failed), time.time() - now)
     sys.exit(1 if p.failed else 0)
+
+
+# --- operator tools (issue 5)
+
+
+def _known_host(cfg, name: str) -> str:
+    """HOST as given, checked against the hosts psprobe knows (state, timers, last sync)."""
+    import difflib
+
+    from psprobe import status
+
+    host = _host(name)
+    known = status.known_hosts(cfg)
+    if host not in known:
+        near = difflib.get_close_matches(host, sorted(known), n=3)
+        _fail(f"{name}: not a host psprobe knows" + (f" (did you mean {', '.join(near)}?)" if near
+                                                     else " (see `psprobe status`)"), 2)
+    return host
+
+
+@main.command()
+@click.argument("hosts", nargs=-1, metavar="[HOST]...")
+@click.option("--json", "as_json", is_flag=True, help="One JSON document, for scripts.")
+@click.pass_context
+def status(ctx: click.Context, hosts: tuple[str, ...], as_json: bool) -> None:
+    """One row per host, worst first: timer, last run and success, points and
+    messages (last run/24 h), lag, consecutive failures, next timer firing.
+
+    Exit status 1 when a host is failing or lags more than [report] lag_alarm
+    (so it serves as a check), 2 for an unknown host or a bad configuration.
+    """
+    import json
+
+    from psprobe import status as st
+
+    cfg = _config(ctx)
+    only = [_known_host(cfg, h) for h in hosts] if hosts else None
+    ov = st.overview(cfg, only)
+    if as_json:
+        click.echo(json.dumps(st.to_json(ov), indent=2, sort_keys=True))
+    else:
+        colour = sys.stdout.isatty()
+        click.echo(st.render_text(ov, colour=colour), color=colour)
+    sys.exit(1 if ov.alarm else 0)
+
+
+@main.command(context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False})
+@click.argument("host")
+@click.argument("journalctl_args", nargs=-1, type=click.UNPROCESSED)
+@click.pass_context
+def logs(ctx: click.Context, host: str, journalctl_args: tuple[str, ...]) -> None:
+    """The journal of HOST's collects: journalctl -u psprobe@HOST.service [ARGS]...
+
+    Any journalctl option may follow (e.g. -f, --since today, -p warning);
+    journalctl pages on a terminal.
+    """
+    import subprocess
+
+    from psprobe import control
+
+    cfg = _config(ctx)
+    cmd = control.journalctl_command(_known_host(cfg, host), journalctl_args)
+    try:
+        sys.exit(subprocess.call(cmd))
+    except FileNotFoundError:
+        _fail("journalctl not found: is this a systemd machine?", 1)
+
+
+@main.command()
+@click.option("-f", "--force", is_flag=True, help="Also stop the collects running now.")
+@click.pass_context
+def pause(ctx: click.Context, force: bool) -> None:
+    """Stop psprobe-sync.timer and every host timer until `psprobe resume`.
+
+    A timer that comes back (at boot) finds the pause and its run does nothing.
+    A collect stopped by -f resends at most one message when it runs again.
+    """
+    from psprobe import control
+
+    cfg = _config(ctx)
+    try:
+        stopped = control.pause(cfg.collect.state_dir, cfg.mesh.unit_dir, force=force)
+    except (control.ControlError, OSError) as e:
+        _fail(f"pause: {e}", 1)
+    log.info("paused: stopped %d timers%s", len([u for u in stopped if u.endswith(".timer")]),
+             " and the running collects" if force else "")
+
+
+@main.command()
+@click.pass_context
+def resume(ctx: click.Context) -> None:
+    """Undo `psprobe pause`: start the sync timer (when enabled) and every host timer sync enabled."""
+    from psprobe import control
+
+    cfg = _config(ctx)
+    try:
+        started = control.resume(cfg.collect.state_dir, cfg.mesh.unit_dir)
+    except (control.ControlError, OSError) as e:
+        _fail(f"resume: {e}", 1)
+    log.info("resumed: started %d timers", len(started))
+
+
+def _when(text: str, what: str) -> int:
+    from psprobe import control
+
+    try:
+        return control.parse_when(text)
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint=what) from None
+
+
+@main.command()
+@click.argument("host")
+@click.option("--since", "since_text", required=True, metavar="WHEN",
+              help="Start: ISO 8601 (UTC unless a zone is given), @EPOCH, or an age like 3d or 12h.")
+@click.option("--until", "until_text", metavar="WHEN", help="End (default: now), same forms.")
+@click.option("--event-type", "event_types", multiple=True, metavar="TYPE",
+              help="Only this event type (repeat for more; default [collect] event_types).")
+@click.pass_context
+def backfill(ctx: click.Context, host: str, since_text: str, until_text: str | None,
+             event_types: tuple[str, ...]) -> None:
+    """Publish HOST's points of [--since, --until] again; the checkpoint stays.
+
+    Messages carry the same ids as the regular run's, so a consumer can drop
+    what it already has.  Runs under HOST's lock (exit 75 while a collect
+    holds it); stops at the first failing slice and says where to resume.
+    """
+    import time
+
+    from psprobe import runner
+
+    cfg = _config(ctx)
+    h = _host(host)
+    since = _when(since_text, "--since")
+    until = _when(until_text, "--until") if until_text else int(time.time())
+    if until < since:
+        raise click.BadParameter("--until is before --since", param_hint="--until")
+    started = time.time()
+    tty = sys.stderr.isatty()
+    bar = None
+    last_line = [started]
+
+    def progress(done: int, total: int, bf) -> None:
+        if bar is not None:
+            bar.update(1)
+            return
+        now = time.time()
+        if now - last_line[0] >= 10 or done == total:
+            last_line[0] = now
+            log.info("backfill %s: %d/%d slices, up to %s, points=%d messages=%d", h, done, total,
+                     time.strftime("%Y-%m-%d %H:%M:%SZ", time.gmtime(bf.done_until)), bf.points,
+                     bf.messages)
+
+    n = len(runner.slices(since, until))
+    if tty:
+        with click.progressbar(length=n, label=f"backfill {h}", file=sys.stderr) as bar:
+            bf = runner.backfill_host(cfg, h, since, until, event_types=event_types or None,
+                                      progress=progress)
+    else:
+        bf = runner.backfill_host(cfg, h, since, until, event_types=event_types or None,
+                                  progress=progress)
+    line = (f"backfill {h}: {'ok' if bf.status == 0 else 'FAILED'} "
+            f"since={time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime(since))} "
+            f"until={time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime(until))} "
+            f"points={bf.points} messages={bf.messages} duration={time.time() - started:.2f}s")
+    if bf.status:
+        resume_at = bf.done_until + 1 if bf.done_until is not None else since
+        line += (f" error={bf.error}; resume with --since @{resume_at}"
+                 if bf.status != runner.BUSY else f" error={bf.error}")
+    log.log(logging.INFO if bf.status == 0 else logging.ERROR, "%s", line)
+    sys.exit(bf.status)
+
+
+@main.command()
+@click.option("--since", "since_text", default="7d", show_default=True, metavar="WHEN",
+              help="Start of the period: an age like 7d, ISO 8601 or @EPOCH.")
+@click.option("--to", "to", multiple=True, metavar="ADDRESS",
+              help="Mail it to ADDRESS (repeat for more) instead of printing it.")
+@click.option("--mail", is_flag=True, help="Mail it to [report] to (what psprobe-report.service runs).")
+@click.option("--format", "fmt", type=click.Choice(["text", "html", "json"]), default=None,
+              help="text (default when printing), html (default when mailing: with a text part) or json.")
+@click.pass_context
+def report(ctx: click.Context, since_text: str, to: tuple[str, ...], mail: bool,
+           fmt: str | None) -> None:
+    """The service-performance report: hosts collected, success rate per host,
+    points per event type, worst lags, hosts added/removed by sync, failures
+    with their last error.  Exit status 1 when the mail could not be sent.
+    """
+    from psprobe import report as rp
+
+    cfg = _config(ctx)
+    since = _when(since_text, "--since")
+    recipients = tuple(to) or (cfg.report.to if mail else ())
+    if mail and not recipients:
+        _fail("report --mail: [report] to is empty", 2)
+    out = rp.render(rp.build(cfg, since), fmt or ("html" if recipients else "text"))
+    try:
+        emitter = rp.MailEmitter(cfg.report, recipients) if recipients else rp.PrintEmitter(sys.stdout)
+        emitter.emit(out)
+    except rp.ReportError as e:
+        _fail(f"report: {e}", 1)

@@ -79,6 +79,8 @@ def collect(cfg: Config, host: str, outlet: Outlet, cp: Checkpoint, *,
     now_i = int(now if now is not None else res.started)
     c, a = cfg.collect, cfg.archive
     move = not dry_run and backfill is None
+    if move:  # under the host's lock: nobody else is writing these
+        cp.sweep()
     arch = Archive(host, a, read_url_of(cfg, host), cp.scheme)
     if a.verify is False:
         log.warning("%s: TLS certificate verification is OFF ([archive] verify = no)", host)
@@ -109,6 +111,11 @@ def collect(cfg: Config, host: str, outlet: Outlet, cp: Checkpoint, *,
         arch.close()
         res.requests = arch.requests
         res.ended = time.time()
+    if move and res.status != STATE_FAILED:
+        try:  # the fallback position if the checkpoint is ever found damaged
+            cp.keep_copy()
+        except StateError as e:
+            res.status, res.error = STATE_FAILED, str(e)
     if cp.pairs:
         res.newest = max(cp.pairs.values())
     return res
@@ -206,13 +213,22 @@ def _consume(q: queue.Queue, pending: int, outlet: Outlet, cp: Checkpoint | None
 
 
 def _messages(pages: Iterable[list[tuple[int, Any]]], enc: Encoder, chunk: int):
-    """Chunk a series' pages into messages of ``chunk`` points, carrying the rest over."""
+    """Chunk a series' pages into messages of ``chunk`` points, carrying the rest over.
+
+    A page is encoded whole before its first message is handed on, and the
+    page list is cleared: a thread waiting on the queue holds message bytes,
+    not decoded values (several times their size), which bounds memory.
+    """
     buf: list[tuple[int, Any]] = []
     for page in pages:
         buf.extend(page)
+        page.clear()
+        ready = []
         while len(buf) >= chunk:
-            yield enc.encode(buf[:chunk])
+            ready.append(enc.encode(buf[:chunk]))
             del buf[:chunk]
+        while ready:
+            yield ready.pop(0)
     if buf:
         yield enc.encode(buf)
 

@@ -177,7 +177,7 @@ class Archive:
     key: str = _k("", _existing_file)
     parallel: int = _k("4", _ranged(int, 1, 64))
     page_points: int = _k("1000", _ranged(int, 10, 10_000))
-    max_answer_mb: float = _k("64", _ranged(float, 1, 4096))
+    max_answer_mb: float = _k("32", _ranged(float, 1, 4096))
 
 
 @dataclass(frozen=True)

@@ -54,7 +54,14 @@ class BrokerOutlet:
         self._pika = pika
         self.settings = settings
         self.where = config.redact_url(settings.url)
-        params = connection_parameters(settings)
+        try:
+            params = connection_parameters(settings)
+        except (ssl.SSLError, OSError) as e:
+            # A bad [broker] ca/cert/key is the operator's configuration, not the broker
+            # (an OSError here would otherwise pass for a state directory problem).
+            raise config.ConfigError(
+                f"[broker] ca/cert/key: cannot load: {getattr(e, 'reason', None) or e.strerror or e}"
+            ) from None
         try:
             self.conn = pika.BlockingConnection(params)
             self.channel = self.conn.channel()
@@ -96,7 +103,7 @@ class BrokerOutlet:
         if isinstance(e, ex.UnroutableError):
             return f"message returned unroutable by exchange {x!r} (no queue bound for its key)"
         if isinstance(e, ex.NackError):
-            return "broker refused (nack) a message"
+            return "the broker refused (nack) a message"
         if isinstance(e, ex.ProbableAuthenticationError):
             return "authentication failed (user/password or certificate)"
         if isinstance(e, ex.ProbableAccessDeniedError):

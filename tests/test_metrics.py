@@ -1,0 +1,155 @@
+"""Prometheus textfile metrics: format, atomic replacement, monotonic counters, off/missing dir."""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from pathlib import Path
+
+from test_status import DOWN_HOST, LAG_HOST, OK_HOST, make_world, sim, write_cfg  # noqa: F401
+
+from psprobe import config, history, metrics, runner, state, sync, units
+
+SAMPLE = re.compile(r'^([a-z_]+)(\{host="([^"]+)"\})? (-?[0-9.e+]+)$')
+
+
+def parse(text: str) -> dict[tuple[str, str | None], float]:
+    """Samples of a file, checking the exposition format line by line on the way."""
+    out, typed = {}, set()
+    for line in text.splitlines():
+        if line.startswith("# TYPE "):
+            _, _, name, kind = line.split(" ")
+            assert kind in ("gauge", "counter") and name not in typed
+            assert (kind == "counter") == name.endswith("_total")
+            typed.add(name)
+            continue
+        if line.startswith("# HELP "):
+            continue
+        m = SAMPLE.match(line)
+        assert m, line
+        assert m.group(1) in typed  # TYPE comes before the samples
+        out[(m.group(1), m.group(3))] = float(m.group(4))
+    assert text.endswith("\n")
+    return out
+
+
+def test_real_collects_write_one_file_per_host(tmp_path, sim, bus):  # noqa: F811
+    w = make_world(tmp_path / "w", sim, bus.exchange)
+    prom = tmp_path / "w" / "prom"
+    assert sorted(p.name for p in prom.iterdir()) == [  # nothing else left behind (no temp files)
+        f"psprobe_host_{h}.prom" for h in sorted((DOWN_HOST, OK_HOST, LAG_HOST))]
+    arrived = bus.drain()
+    got = {h: parse((prom / f"psprobe_host_{h}.prom").read_text()) for h in (OK_HOST, LAG_HOST, DOWN_HOST)}
+    assert sum(g[("psprobe_collect_points_published_total", h)] for h, g in got.items()) == \
+        sum(len(m.body["datapoints"]) for m in arrived)
+    assert sum(g[("psprobe_collect_messages_published_total", h)] for h, g in got.items()) == len(arrived)
+    d = got[DOWN_HOST]
+    assert d[("psprobe_collect_failures_total", DOWN_HOST)] == 1
+    assert d[("psprobe_collect_runs_total", DOWN_HOST)] == 2
+    assert d[("psprobe_collect_last_status", DOWN_HOST)] == 1
+    assert d[("psprobe_collect_last_success_timestamp_seconds", DOWN_HOST)] < \
+        d[("psprobe_collect_last_run_timestamp_seconds", DOWN_HOST)]
+    lag = got[LAG_HOST][("psprobe_collect_lag_seconds", LAG_HOST)]
+    assert 5 * 3600 - 700 < lag < 5 * 3600 + 700
+    cp = state.read_json(state.host_dir(w.cfg.collect.state_dir, LAG_HOST) / "checkpoint.json")
+    assert got[LAG_HOST][("psprobe_collect_newest_point_timestamp_seconds", LAG_HOST)] == \
+        max(cp["pairs"].values())
+    assert 0 <= got[OK_HOST][("psprobe_collect_duration_seconds", OK_HOST)] < 10
+    assert got[OK_HOST][("psprobe_collect_failures_total", OK_HOST)] == 0
+
+
+def test_counters_never_drop_when_old_runs_are_pruned(tmp_path):
+    conf = write_cfg(tmp_path, "unused")
+    (tmp_path / "prom").mkdir()
+    cfg = config.load(str(conf))
+    sd, h = cfg.collect.state_dir, "a.example"
+    state.host_dir(sd, h).mkdir(parents=True)
+    t = int(time.time()) - 20 * 86400
+    seen = []
+    for k in range(6):  # runs 4 days apart: each record prunes the older ones
+        t += 4 * 86400
+        doc = history.record(sd, h, {"start": t - 1, "end": t, "status": k % 2, "points": 100,
+                                     "messages": 2, "newest": int(t - 50)})
+        metrics.write_host(str(tmp_path / "prom"), h, doc)
+        seen.append(parse((tmp_path / "prom" / metrics.host_file(h)).read_text()))
+    assert len(history.load(sd, h)) == 3  # 8 days kept
+    pts = [s[("psprobe_collect_points_published_total", h)] for s in seen]
+    assert pts == [100, 200, 300, 400, 500, 600]
+    assert [s[("psprobe_collect_failures_total", h)] for s in seen] == [0, 1, 1, 2, 2, 3]
+    assert seen[-1][("psprobe_collect_lag_seconds", h)] == 50
+
+
+def test_backfill_counts_as_published_not_as_a_run(tmp_path):
+    sd = str(tmp_path)
+    state.host_dir(sd, "a.example").mkdir(parents=True)
+    history.record(sd, "a.example", {"end": 10, "status": 0, "points": 5, "messages": 1})
+    doc = history.record(sd, "a.example", {"kind": "backfill", "end": 20, "status": 0, "points": 7,
+                                           "messages": 3})
+    vals = dict(((n, ), v) for n, _, v in metrics.host_values("a.example", doc))
+    assert vals[("psprobe_collect_points_published_total",)] == 12
+    assert vals[("psprobe_collect_runs_total",)] == 1
+    assert vals[("psprobe_collect_last_run_timestamp_seconds",)] == 10
+
+
+def test_off_when_empty_and_missing_dir_is_only_a_warning(tmp_path, sim, bus, caplog):  # noqa: F811
+    now = int(time.time())
+    h = "localhost"
+    sim.host(h).add_test("throughput", start=now - 600, step=60, count=10)
+    host = f"localhost:{sim.port}"
+    conf = write_cfg(tmp_path / "a", bus.exchange, metrics={"textfile_dir": tmp_path / "missing"})
+    with caplog.at_level(logging.WARNING, logger="psprobe"):
+        assert runner.collect_host(config.load(str(conf)), host) == 0
+    assert "textfile_dir" in caplog.text and "does not exist" in caplog.text
+    assert not (tmp_path / "missing").exists()
+    assert len(bus.drain()) == 5
+    conf = write_cfg(tmp_path / "b", bus.exchange, metrics={"textfile_dir": ""})
+    before = set(Path(tmp_path).rglob("*.prom"))
+    assert runner.collect_host(config.load(str(conf)), host) == 0
+    assert set(Path(tmp_path).rglob("*.prom")) == before == set()
+
+
+def test_a_reader_never_sees_a_partial_file(tmp_path, monkeypatch):
+    d = tmp_path / "prom"
+    d.mkdir()
+    metrics.write_atomic(str(d), "x.prom", "old 1\n")
+    seen = []
+    real_replace = metrics.os.replace
+
+    def replace(src, dst):  # at the moment of the rename: the new text is whole, elsewhere
+        seen.append(((d / "x.prom").read_text(), Path(src).name, Path(src).read_text()))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(metrics.os, "replace", replace)
+    metrics.write_atomic(str(d), "x.prom", "new 2\n")
+    assert seen == [("old 1\n", seen[0][1], "new 2\n")]
+    assert not seen[0][1].endswith(".prom")  # node_exporter ignores the temporary file
+    assert (d / "x.prom").read_text() == "new 2\n" and [p.name for p in d.iterdir()] == ["x.prom"]
+
+
+def test_sync_writes_its_metrics_and_drops_removed_hosts(tmp_path):
+    prom = tmp_path / "prom"
+    prom.mkdir()
+    mesh_file = tmp_path / "mesh.json"
+    conf = write_cfg(tmp_path, "unused", mesh={"hosts": "a.example b.example"})
+    cfg = config.load(str(conf))
+    udir = Path(cfg.mesh.unit_dir)
+    p = sync.plan(cfg, udir, sync.fetcher(cfg), now=1000.0)
+    sync.apply(cfg, p, udir, now=1000.0, systemctl=False)
+    for h in ("a.example", "b.example"):
+        metrics.write_host(str(prom), h, history.record(cfg.collect.state_dir, h, {"end": 1, "status": 0}))
+    got = parse((prom / "psprobe_sync.prom").read_text())
+    assert got[("psprobe_sync_hosts", None)] == 2
+    assert got[("psprobe_sync_last_success_timestamp_seconds", None)] == 1000
+    assert got[("psprobe_sync_failed_meshes", None)] == 0
+    conf = write_cfg(tmp_path, "unused", mesh={"hosts": "a.example", "urls": str(mesh_file)})
+    cfg = config.load(str(conf))
+    p = sync.plan(cfg, udir, sync.fetcher(cfg), now=2000.0)  # the mesh file is missing: failed
+    sync.apply(cfg, p, udir, now=2000.0, systemctl=False)
+    got = parse((prom / "psprobe_sync.prom").read_text())
+    assert got[("psprobe_sync_hosts", None)] == 1
+    assert got[("psprobe_sync_failed_meshes", None)] == 1
+    assert got[("psprobe_sync_last_run_timestamp_seconds", None)] == 2000
+    assert got[("psprobe_sync_last_success_timestamp_seconds", None)] == 1000
+    assert sorted(x.name for x in prom.iterdir()) == ["psprobe_host_a.example.prom", "psprobe_sync.prom"]
+    assert units.enabled_hosts(udir) == {"a.example"}

@@ -1,0 +1,242 @@
+"""psprobe status: on prepared state, and on state left by real collects (simulator + broker)."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from conftest import AMQP_URL, write_config
+from esmond_sim import EsmondSim
+
+from psprobe import checkpoint, config, runner, state, status, units
+from psprobe.cli import main
+
+OK_HOST, LAG_HOST, DOWN_HOST = "ps-east.example.sim", "ps-west.example.sim", "ps-down.example.sim"
+
+
+# --- a world made by real collects: one healthy, one lagging (newest point 5 h old), one failing
+
+
+@dataclass
+class World:
+    dir: Path
+    conf: Path
+    cfg: config.Config
+    sim: EsmondSim
+    t0: int
+
+
+def write_cfg(d: Path, exchange: str, **extra: dict) -> Path:
+    sections: dict[str, dict] = {
+        "collect": {"state_dir": d / "state"},
+        "archive": {"schemes": "http", "retries": 0, "timeout": "5s"},
+        "broker": {"url": AMQP_URL, "exchange": exchange},
+        "mesh": {"unit_dir": d / "units"},
+        "metrics": {"textfile_dir": d / "prom"},
+    }
+    for s, kv in extra.items():
+        sections.setdefault(s, {}).update(kv)
+    d.mkdir(parents=True, exist_ok=True)
+    return write_config(d / "psprobe.conf", sections)
+
+
+def make_world(d: Path, sim: EsmondSim, exchange: str) -> World:
+    """Three hosts collected twice; the second run of DOWN_HOST gets HTTP 500."""
+    now = int(time.time())
+    for h in (OK_HOST, LAG_HOST, DOWN_HOST):
+        sim.host(h, prefix=f"/{h}/esmond/perfsonar/archive/")  # one port, told apart by path
+    sim.host(OK_HOST).add_test("throughput", start=now - 6 * 3600, step=600, count=36)
+    sim.host(OK_HOST).add_test("latencybg", event_types=["packet-loss-rate", "histogram-owdelay"],
+                               start=now - 6 * 3600, step=60, count=360)
+    sim.host(LAG_HOST).add_test("throughput", start=now - 11 * 3600, step=600, count=36)
+    sim.host(DOWN_HOST).add_test("trace", start=now - 3600, step=300, count=12)
+    conf = write_cfg(d, exchange)
+    (d / "prom").mkdir(exist_ok=True)
+    cfg = config.load(str(conf))
+    for h in (OK_HOST, LAG_HOST, DOWN_HOST):
+        hd = state.host_dir(cfg.collect.state_dir, h)
+        hd.mkdir(parents=True)
+        state.write_json_atomic(hd / "target.json", {"host": h, "read_url": sim.url(h),
+                                                     "meshes": ["static"]})
+    units.apply(d / "units", [OK_HOST, LAG_HOST, DOWN_HOST], [], systemctl=False)
+    for h in (OK_HOST, LAG_HOST, DOWN_HOST):
+        assert runner.collect_host(cfg, h) == 0
+    sim.host(DOWN_HOST).fault("status", status=500, body="Internal Server Error")
+    ok = sim.host(OK_HOST)
+    ok.add_points(ok.records[0].key, "throughput", count=3, step=60)
+    assert runner.collect_host(cfg, OK_HOST) == 0
+    assert runner.collect_host(cfg, LAG_HOST) == 0
+    assert runner.collect_host(cfg, DOWN_HOST) == 1
+    return World(d, conf, cfg, sim, now)
+
+
+@pytest.fixture
+def sim():
+    with EsmondSim() as s:
+        yield s
+
+
+@pytest.fixture
+def world(tmp_path, sim, bus):
+    return make_world(tmp_path / "w", sim, bus.exchange)
+
+
+def cli(conf: Path, *args: str, env: dict | None = None):
+    return CliRunner().invoke(main, ["--config", str(conf), *args], env=env)
+
+
+def test_status_of_real_runs_shows_failing_then_lagging_then_ok_and_exits_1(world, bus):
+    r = cli(world.conf, "status")
+    assert r.exit_code == 1, r.output
+    lines = r.stdout.splitlines()
+    assert lines[0].split() == ["HOST", "STATE", "TIMER", "LAST", "RUN", "LAST", "OK", "POINTS",
+                                "MSGS", "LAG", "FAILS", "NEXT"]
+    rows = [ln.split() for ln in lines[1:4]]
+    assert [r_[0] for r_ in rows] == [DOWN_HOST, LAG_HOST, OK_HOST]
+    assert [r_[1] for r_ in rows] == ["FAILING", "LAGGING", "ok"]
+    assert "\x1b[" not in r.stdout  # not a terminal: no colour
+    # the failing host's error line, and the summary
+    assert any(ln.startswith(f"{DOWN_HOST}: ") and "HTTP 500" in ln for ln in lines)
+    assert lines[-1].startswith("3 hosts: 1 failing, 1 lagging, 1 ok (lag alarm 2h)")
+    # points/messages of the last run and of 24 h match what the broker received
+    arrived = bus.drain()
+    js = json.loads(cli(world.conf, "status", "--json").stdout)
+    by_host = {h["host"]: h for h in js["hosts"]}
+    assert sum(h["points_24h"] for h in js["hosts"]) == sum(len(m.body["datapoints"]) for m in arrived)
+    assert sum(h["messages_24h"] for h in js["hosts"]) == len(arrived)
+    assert f" {by_host[OK_HOST]['points_last']}/{by_host[OK_HOST]['points_24h']} " in lines[3]
+    assert by_host[OK_HOST]["points_last"] == 3 and by_host[OK_HOST]["messages_last"] == 1
+    assert by_host[LAG_HOST]["points_last"] == 0
+    # lag: now minus the newest confirmed point (the checkpoint's)
+    cp = checkpoint.load(world.cfg.collect.state_dir, LAG_HOST)
+    assert abs(by_host[LAG_HOST]["lag"] - (js["generated"] - max(cp.pairs.values()))) < 1
+    assert 5 * 3600 - 700 < by_host[LAG_HOST]["lag"] < 5 * 3600 + 700
+    assert by_host[DOWN_HOST]["failures"] == 1 and by_host[DOWN_HOST]["result"] == "FAILED"
+    assert by_host[DOWN_HOST]["last_success"] is not None  # its first run was fine
+    assert js["alarm"] is True and js["counts"]["failing"] == 1
+
+
+def test_status_recovers_when_the_archive_does(world):
+    world.sim.clear_faults(DOWN_HOST)
+    assert runner.collect_host(world.cfg, DOWN_HOST) == 0
+    js = json.loads(cli(world.conf, "status", DOWN_HOST, "--json").stdout)
+    assert [h["host"] for h in js["hosts"]] == [DOWN_HOST]
+    assert js["hosts"][0]["health"] == "ok" and js["hosts"][0]["failures"] == 0
+    assert cli(world.conf, "status", DOWN_HOST, OK_HOST).exit_code == 0
+
+
+# --- prepared state
+
+
+def prepared(tmp_path: Path, now: float, hosts: dict[str, dict]) -> Path:
+    """State written by hand: {host: {"runs": [...], "newest": ts, "enabled": bool}}."""
+    conf = write_cfg(tmp_path, "unused", report={"lag_alarm": "1h"})
+    cfg = config.load(str(conf))
+    for h, spec in hosts.items():
+        hd = state.host_dir(cfg.collect.state_dir, h)
+        hd.mkdir(parents=True)
+        state.write_json_atomic(hd / "history.json", {"version": 1, "runs": spec.get("runs", [])})
+        if spec.get("newest") is not None:
+            state.write_json_atomic(hd / "checkpoint.json",
+                                    {"version": 1, "pairs": {"k/throughput": spec["newest"]}})
+    units.apply(tmp_path / "units", [h for h, s in hosts.items() if s.get("enabled", True)], [],
+                systemctl=False)
+    return conf
+
+
+def run(end: float, status_: int = 0, points: int = 10, error: str | None = None, **kw) -> dict:
+    return {"start": end - 2, "end": end, "status": status_, "points": points, "messages": 1,
+            "error": error, "by_type": {"throughput": points}, **kw}
+
+
+def test_prepared_state_order_alarm_and_columns(tmp_path):
+    now = time.time()
+    conf = prepared(tmp_path, now, {
+        "a-ok.example": {"runs": [run(now - 600)], "newest": int(now - 300)},
+        "b-fail2.example": {"runs": [run(now - 1800), run(now - 1200, 1, 0, "first <err>"),
+                                     run(now - 600, 3, 0, "broker gone")], "newest": int(now - 700)},
+        "c-fail1.example": {"runs": [run(now - 600, 1, 0, "HTTP 500")], "newest": int(now - 900)},
+        "d-lag.example": {"runs": [run(now - 600)], "newest": int(now - 3 * 3600)},
+        "e-new.example": {},
+        "f-off.example": {"runs": [run(now - 9000, 1, 0, "old")], "enabled": False,
+                          "newest": int(now - 86400)},
+        "g-nodata.example": {"runs": [run(now - 600, points=0)]},
+    })
+    ov = status.overview(config.load(str(conf)), now=now,
+                         next_elapse=lambda hosts: {h: now + 120 for h in hosts})
+    assert [(h.host, h.health) for h in ov.hosts] == [
+        ("b-fail2.example", "failing"), ("c-fail1.example", "failing"), ("d-lag.example", "lagging"),
+        ("e-new.example", "pending"), ("g-nodata.example", "no data"), ("a-ok.example", "ok"),
+        ("f-off.example", "disabled")]
+    b = ov.hosts[0]
+    assert (b.failures, b.status, b.error, b.result) == (2, 3, "broker gone", "FAILED")
+    assert b.last_success is None  # history written without totals: no success recorded
+    assert ov.alarm
+    text = status.render_text(ov)
+    assert "b-fail2.example: broker gone" in text and "f-off.example: old" not in text
+    row = next(ln for ln in text.splitlines() if ln.startswith("a-ok.example"))
+    assert "in 2m" in row and " 5m " in row  # next firing, lag
+    coloured = status.render_text(ov, colour=True)
+    assert "\x1b[31" in coloured and "\x1b[33" in coloured and "\x1b[32" in coloured
+
+
+def test_no_alarm_exits_0_and_host_filter(tmp_path):
+    now = time.time()
+    conf = prepared(tmp_path, now, {
+        "a.example": {"runs": [run(now - 60)], "newest": int(now - 100)},
+        "b.example": {"runs": [run(now - 60, 1, error="x")], "newest": int(now - 100)},
+    })
+    assert cli(conf, "status", "a.example").exit_code == 0
+    r = cli(conf, "status")
+    assert r.exit_code == 1
+    r = cli(conf, "status", "nosuch.example")
+    assert r.exit_code == 2 and "not a host psprobe knows" in r.output
+    r = cli(conf, "status", "a.exampl")
+    assert r.exit_code == 2 and "did you mean a.example" in r.output
+
+
+def test_lag_alarm_per_host_override(tmp_path):
+    now = time.time()
+    conf = prepared(tmp_path, now, {"a.example": {"runs": [run(now - 60)], "newest": int(now - 7200)}})
+    assert cli(conf, "status").exit_code == 1  # 2 h > lag_alarm 1h
+    with open(conf, "a") as f:
+        f.write("\n[host a.example]\nreport.lag_alarm = 3h\n")
+    assert cli(conf, "status").exit_code == 0
+
+
+def test_running_collect_and_pause_are_shown(tmp_path):
+    now = time.time()
+    conf = prepared(tmp_path, now, {"a.example": {"runs": [run(now - 60)], "newest": int(now - 100)}})
+    cfg = config.load(str(conf))
+    with checkpoint.host_lock(cfg.collect.state_dir, "a.example"):
+        out = cli(conf, "status").stdout
+        assert out.splitlines()[1].split()[3] == "running"
+    assert "running" not in cli(conf, "status").stdout
+    state.write_json_atomic(Path(cfg.collect.state_dir) / "paused.json", {"time": now - 120, "by": "op"})
+    out = cli(conf, "status").stdout
+    assert out.startswith("PAUSED since ") and "(2m ago)" in out.splitlines()[0]
+
+
+def test_no_state_at_all(tmp_path):
+    conf = write_cfg(tmp_path, "unused")
+    r = cli(conf, "status")
+    assert r.exit_code == 0 and "0 hosts: none" in r.stdout and "no sync has run" in r.stdout
+
+
+def test_span_and_status_help_is_cheap():
+    assert [status.span(s) for s in (None, 5, 119, 120, 3600, 3660, 7200, 2 * 86400, 2 * 86400 + 3600)] \
+        == ["-", "5s", "119s", "2m", "1h", "1h01m", "2h", "2d", "2d01h"]
+    import subprocess
+    import sys
+
+    code = ("import sys; from psprobe.cli import main\n"
+            "try:\n main(['status','--help'])\nexcept SystemExit: pass\n"
+            "print(sorted(m for m in sys.modules if m.startswith('psprobe')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parent.parent, env={**os.environ}).stdout
+    assert out.strip().splitlines()[-1] == "['psprobe', 'psprobe.cli', 'psprobe.log']"
