@@ -1,0 +1,117 @@
+"""Shared pieces of the benchmarks: paths, the simulator, broker exchanges, measured children.
+
+Every measured program runs as a child process and is reaped with ``os.wait4``,
+whose rusage is that child's own CPU time and peak RSS (what
+``getrusage(RUSAGE_CHILDREN)`` reports for a single child): the simulator and
+the benchmark itself, in this process, never count (see ``_WRAPPER``).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
+
+AMQP_URL = os.environ.get("PSPROBE_TEST_AMQP", "amqp://guest:guest@127.0.0.1:5672/%2F")
+PSPROBE = [sys.executable, str(ROOT / "bin" / "psprobe")]
+
+
+@dataclass
+class Child:
+    """What one child process cost."""
+
+    status: int
+    wall: float
+    cpu: float  # user + system seconds
+    maxrss_mb: float
+    stdout: str
+    stderr: str
+
+
+# Forks the measured program from a small, freshly exec'd process: Linux carries
+# the peak RSS of the forking process's memory over into the child's
+# ru_maxrss across execve, so a child forked straight from this (big) process
+# would report this process's peak, not its own.
+_WRAPPER = """
+import os, sys, time
+t0 = time.monotonic()
+pid = os.fork()
+if pid == 0:
+    os.execvp(sys.argv[2], sys.argv[2:])
+_, status, ru = os.wait4(pid, 0)
+with open(sys.argv[1], "w") as f:
+    f.write("%d %f %f %d" % (os.waitstatus_to_exitcode(status), time.monotonic() - t0,
+                             ru.ru_utime + ru.ru_stime, ru.ru_maxrss))
+"""
+
+
+def run(argv: list[str], env: dict[str, str] | None = None, timeout: float = 900) -> Child:
+    """Run ``argv`` to the end; its own wall time, CPU and peak RSS (wait4(2))."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
+    with tempfile.TemporaryDirectory(prefix="psprobe-run-") as d:
+        res = Path(d) / "rusage"
+        out, err = Path(d) / "out", Path(d) / "err"
+        with open(out, "wb") as fo, open(err, "wb") as fe:
+            subprocess.run([sys.executable, "-c", _WRAPPER, str(res), *argv], stdout=fo,
+                           stderr=fe, env=env, timeout=timeout, check=False)
+        status, wall, cpu, rss = res.read_text().split()
+        return Child(int(status), float(wall), float(cpu), int(rss) / 1024,
+                     out.read_text(errors="replace"), err.read_text(errors="replace"))
+
+
+class Exchange:
+    """A throw-away topic exchange with one bounded queue on ``#``, so publishes are routable."""
+
+    def __init__(self, tag: str) -> None:
+        import pika
+
+        self.name = f"bench.psprobe.{tag}.{uuid.uuid4().hex[:8]}"
+        self.conn = pika.BlockingConnection(pika.URLParameters(AMQP_URL))
+        self.ch = self.conn.channel()
+        self.ch.exchange_declare(self.name, exchange_type="topic")
+        # Drop-head at 2 000 messages: a million-point run never fills the broker's memory.
+        self.queue = self.ch.queue_declare("", exclusive=True,
+                                           arguments={"x-max-length": 2000}).method.queue
+        self.ch.queue_bind(self.queue, self.name, routing_key="#")
+
+    def count(self) -> int:
+        return self.ch.queue_declare(self.queue, passive=True).method.message_count
+
+    def close(self) -> None:
+        try:
+            self.ch.exchange_delete(self.name)
+            self.conn.close()
+        except Exception:  # best effort at the end of a benchmark
+            pass
+
+
+def write_config(path: Path, sections: dict[str, dict[str, object]]) -> Path:
+    lines = []
+    for section, kv in sections.items():
+        lines += [f"[{section}]", *(f"{k} = {v}" for k, v in kv.items()), ""]
+    path.write_text("\n".join(lines))
+    return path
+
+
+def machine() -> str:
+    """nproc, CPU model and memory: the line every benchmark prints first."""
+    model = "?"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+        mem = next(int(x.split()[1]) for x in Path("/proc/meminfo").read_text().splitlines()
+                   if x.startswith("MemTotal:"))
+    except (OSError, StopIteration):
+        mem = 0
+    return (f"machine: {os.cpu_count()} CPU(s), {model}, {mem / 1024 / 1024:.1f} GiB RAM, "
+            f"Python {sys.version.split()[0]}")

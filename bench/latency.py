@@ -1,0 +1,126 @@
+#!/usr/bin/env python3
+"""A far-away host: 50 ms per answer, TLS, 50 tests x 10 event types.
+
+    python3 bench/latency.py            # about a minute
+
+``psprobe collect`` (bin/psprobe) against one simulated archive over HTTPS
+with 50 ms added before every answer, publishing to the real broker:
+
+* first run: 12 h of history (first_run_lookback), every series;
+* steady state: the next run, 5 minutes later.  Which series have new points
+  follows a real host's cadence: latency tests write every minute, traceroute
+  every 10 minutes (so half of them in a 5-minute window), throughput every
+  6 hours (none).  "all new" is the worst case: every series has new points.
+
+Each with ``[archive] parallel`` = 1 and the default (4).  Printed: wall time,
+HTTP requests (metadata / data), data requests per series that can hold new
+points (1.00 = no wasted request), TLS handshakes and connections.
+Targets (issue 7): steady state under 3 s; 1 TLS handshake per run at parallel 1.
+"""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from _common import PSPROBE, Exchange, machine, run, write_config
+from esmond_sim import EsmondSim
+from tlsutil import make_pki
+
+LATENCY = 0.050
+TESTS = 50
+EVENT_TYPES = ["packet-loss-rate", "packet-count-sent", "packet-count-lost", "histogram-owdelay",
+               "histogram-ttl", "packet-trace", "throughput", "packet-retransmits", "failures",
+               "packet-loss-rate-bidir"]  # ten that psprobe collects by default
+KINDS = ("latencybg", "trace", "throughput")  # cycled over the tests
+STEP = 300
+
+
+def world(sim: EsmondSim, now: int) -> list:
+    h = sim.host("127.0.0.1")
+    end = now - now % STEP - STEP  # the 5-minute point is added later
+    return [h.add_test(KINDS[i % 3], event_types=EVENT_TYPES, start=end - 12 * 3600 + STEP,
+                       end=end, step=STEP) for i in range(TESTS)]
+
+
+def advance(sim: EsmondSim, recs: list, everything: bool) -> int:
+    """Five minutes of new data; returns how many series got some."""
+    h = sim.hosts["127.0.0.1"]
+    n = 0
+    for i, rec in enumerate(recs):
+        kind = KINDS[i % 3]
+        if not everything and (kind == "throughput" or (kind == "trace" and i % 2)):
+            continue
+        for et in EVENT_TYPES:
+            h.add_points(rec.key, et, count=1, step=STEP)
+            n += 1
+    return n
+
+
+def collect(sim: EsmondSim, conf: Path) -> dict:
+    h = sim.hosts["127.0.0.1"]
+    before = dict(sim.stats)
+    logged = len(h.log)
+    c = run([*PSPROBE, "--config", str(conf), "collect", f"127.0.0.1:{sim.port}"])
+    if c.status != 0:
+        sys.exit(f"collect failed ({c.status}): {c.stderr[-2000:]}")
+    reqs = h.log[logged:]
+    meta = sum(1 for r in reqs if not r.path.endswith("/base"))
+    return {"wall": c.wall, "cpu": c.cpu, "meta": meta, "data": len(reqs) - meta,
+            **{k: sim.stats[k] - before[k] for k in ("tls_handshakes", "connections")}}
+
+
+def main() -> int:
+    print(machine())
+    print(f"one archive: {TESTS} tests x {len(EVENT_TYPES)} event types = "
+          f"{TESTS * len(EVENT_TYPES)} series, {LATENCY * 1000:.0f} ms per answer, TLS\n")
+    print(f"{'run':<24} {'parallel':>8} {'wall':>7} {'CPU':>6} {'requests':>13} "
+          f"{'data/new':>9} {'TLS hs':>6} {'conns':>5}")
+    results = {}
+    with tempfile.TemporaryDirectory(prefix="psprobe-bench-") as d:
+        pki = make_pki(Path(d) / "pki")
+        for parallel in (1, 4):
+            for everything in (False, True):
+                now = int(time.time())
+                with EsmondSim("127.0.0.1", 0, tls=(str(pki.server_cert),
+                                                   str(pki.server_key))) as sim:
+                    recs = world(sim, now)
+                    sim.set_latency(LATENCY)
+                    ex = Exchange("latency")
+                    try:
+                        conf = write_config(Path(d) / f"c-{parallel}-{everything}.conf", {
+                            "collect": {"state_dir": Path(d) / f"s-{parallel}-{everything}",
+                                        "max_concurrent": 0},
+                            "archive": {"schemes": "https", "verify": pki.ca,
+                                        "parallel": parallel},
+                            "broker": {"url": "amqp://guest:guest@127.0.0.1:5672/%2F",
+                                       "exchange": ex.name},
+                        })
+                        rows = []
+                        if not everything:
+                            rows.append(("first run (12 h)", collect(sim, conf), len(recs) * 10))
+                        else:
+                            collect(sim, conf)  # the first run, already shown
+                        new = advance(sim, recs, everything)
+                        label = "steady, all new" if everything else "steady (5 min)"
+                        rows.append((label, collect(sim, conf), new))
+                    finally:
+                        ex.close()
+                for label, r, new in rows:
+                    results[(label, parallel)] = r
+                    print(f"{label:<24} {parallel:>8} {r['wall']:>6.2f}s {r['cpu']:>5.2f}s "
+                          f"{r['meta']:>4} + {r['data']:>4}  {r['data'] / max(new, 1):>8.2f} "
+                          f"{r['tls_handshakes']:>6} {r['connections']:>5}")
+    s1, s4 = results[("steady (5 min)", 1)], results[("steady (5 min)", 4)]
+    print(f"\nsteady state at the default parallel 4: {s4['wall']:.2f} s "
+          f"(target < 3 s: {'met' if s4['wall'] < 3 else 'NOT met'}); "
+          f"parallel 4 / parallel 1 wall: {s4['wall'] / s1['wall']:.2f}")
+    print(f"TLS handshakes per run at parallel 1: {s1['tls_handshakes']} "
+          f"(target 1: {'met' if s1['tls_handshakes'] == 1 else 'NOT met'})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
