@@ -381,6 +381,10 @@ def _detail(body: bytes) -> str:
 def _reason(e: Exception) -> str:
     """The innermost useful words of a requests/urllib3 exception."""
     text = str(e)
+    if "EOF occurred in violation of protocol" in text or "UNEXPECTED_EOF" in text:
+        # TLS 1.3 sends the "certificate required" alert after the handshake: the
+        # client may only see the server hang up.
+        return "server closed the TLS connection (EOF): client certificate required or refused?"
     for pat in (r"\[SSL: [A-Z0-9_]+\] ([^(]+?)(?: \(|'|\"|$)", r"\[Errno -?\d+\] ([^'\")]+)",
                 r"(Name or service not known|Connection refused|certificate verify failed[^'\")]*"
                 r"|Remote end closed connection without response|Connection reset by peer)",

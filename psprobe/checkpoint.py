@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import json
 import logging
 import os
 from dataclasses import dataclass, field
@@ -37,6 +38,7 @@ class Checkpoint:
     path: Path
     pairs: dict[str, int] = field(default_factory=dict)
     scheme: str | None = None  # the archive scheme that worked last
+    _dirfd: int | None = field(default=None, repr=False, compare=False)
 
     def get(self, pair: str) -> int | None:
         return self.pairs.get(pair)
@@ -48,17 +50,39 @@ class Checkpoint:
             self.save()
 
     def save(self, path: Path | None = None) -> None:
+        """Temp file, fsync, rename, fsync of the directory: old or new, never torn.
+
+        This runs after every confirmed message, so it is the lean form of
+        :func:`psprobe.state.write_json_atomic`: a fixed temp name (safe, the
+        host's lock is held) and raw os calls.
+        """
         path = path or self.path
+        data = json.dumps({"version": VERSION, "scheme": self.scheme, "pairs": self.pairs},
+                          separators=(",", ":"), sort_keys=True).encode()
+        tmp = path.with_name(f".{path.name}.tmp")
         try:
-            state.write_json_atomic(path, {"version": VERSION, "scheme": self.scheme,
-                                           "pairs": self.pairs})
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o640)
+            try:
+                os.write(fd, data)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp, path)
+            if self._dirfd is None:
+                self._dirfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            os.fsync(self._dirfd)
         except OSError as e:
             raise StateError(f"{path}: cannot write checkpoint: {e.strerror}") from None
+
+    def close(self) -> None:
+        if self._dirfd is not None:
+            os.close(self._dirfd)
+            self._dirfd = None
 
     def sweep(self) -> int:
         """Remove temp files a killed run left (only under the host's lock)."""
         n = 0
-        for p in self.path.parent.glob(".checkpoint*.json.*.tmp"):
+        for p in self.path.parent.glob(".checkpoint*.tmp"):
             try:
                 p.unlink()
                 n += 1

@@ -116,6 +116,7 @@ def collect(cfg: Config, host: str, outlet: Outlet, cp: Checkpoint, *,
             cp.keep_copy()
         except StateError as e:
             res.status, res.error = STATE_FAILED, str(e)
+    cp.close()
     if cp.pairs:
         res.newest = max(cp.pairs.values())
     return res

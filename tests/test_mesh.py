@@ -13,7 +13,7 @@ import pytest
 from psprobe import hostnames, mesh
 from psprobe.mesh import MeshError, discover, parse_document
 
-FORMATS = Path(__file__).resolve().parents[2] / "shared" / "formats"
+FORMATS = Path(__file__).resolve().parent / "fixtures" / "formats"  # real documents
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "mesh"
 ARCHIVE = "/esmond/perfsonar/archive/"
 

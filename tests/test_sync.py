@@ -138,9 +138,7 @@ def test_hostile_names_are_rejected_and_nothing_is_written_outside_the_unit_dir(
 
 
 def test_real_meshconfig_document_from_shared_formats(tmp_path):
-    doc = ROOT.parent / "shared/formats/meshconfig/perfsonar_dev_testbed__meshconfig.json"
-    if not doc.exists():
-        pytest.skip(f"{doc} not present")
+    doc = ROOT / "tests/fixtures/formats/meshconfig/perfsonar_dev_testbed__meshconfig.json"
     conf = write_config(tmp_path / "psprobe.conf", {
         "collect": {"state_dir": tmp_path / "state"},
         "mesh": {"urls": str(doc), "unit_dir": tmp_path / "systemd"}})
