@@ -4,6 +4,7 @@ Everything lives under ``state_dir`` (``/var/lib/psprobe``)::
 
     hosts/<host>/target.json      written by sync: read URL and the meshes naming it
     hosts/<host>/checkpoint.json  written by collect: newest confirmed ts per pair
+    hosts/<host>/checkpoint.journal  confirmed positions appended during a run
     hosts/<host>/history.json     written by collect: rolling record of runs
     hosts/<host>/lock             flock(2) held for a run
     meshes/<digest>.json          last good host list of each mesh URL

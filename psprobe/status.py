@@ -115,13 +115,10 @@ def _running(state_dir: str, host: str) -> bool:
 
 
 def _newest_confirmed(state_dir: str, host: str) -> int | None:
-    try:
-        cp = state.read_json(state.host_dir(state_dir, host) / "checkpoint.json")
-    except (ValueError, OSError):
-        return None
-    pairs = cp.get("pairs") if isinstance(cp, dict) else None
-    vals = [v for v in pairs.values() if type(v) is int] if isinstance(pairs, dict) else []
-    return max(vals) if vals else None
+    from psprobe import checkpoint
+
+    pairs = checkpoint.peek(state_dir, host)
+    return max(pairs.values()) if pairs else None
 
 
 def host_status(cfg: Config, host: str, *, now: float, enabled: bool, in_meshes: bool,
