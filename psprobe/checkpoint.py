@@ -110,9 +110,14 @@ class Checkpoint:
         self._dirfd = self._journal = None
 
     def sweep(self) -> int:
-        """Remove temp files a killed run left (only under the host's lock)."""
+        """Remove temp files a killed run left (only under the host's lock).
+
+        Only collect's own files: target.json belongs to sync, which does not
+        take the host's lock.
+        """
         n = 0
-        for p in self.path.parent.glob(".checkpoint*.tmp"):
+        d = self.path.parent
+        for p in [*d.glob(".checkpoint*.tmp"), *d.glob(".history.json.*.tmp")]:
             try:
                 p.unlink()
                 n += 1

@@ -20,7 +20,7 @@ from typing import Any
 from psprobe import state
 from psprobe.archive import Archive, ArchiveError, Pair
 from psprobe.checkpoint import Checkpoint, StateError
-from psprobe.config import Config
+from psprobe.config import Config, ConfigError
 from psprobe.messages import Encoder, Message, meta_for
 from psprobe.publish import BrokerError, Outlet
 
@@ -105,6 +105,8 @@ def collect(cfg: Config, host: str, outlet: Outlet, cp: Checkpoint, *,
         res.status, res.error = ARCHIVE_FAILED, str(e)
     except BrokerError as e:
         res.status, res.error = BROKER_FAILED, str(e)
+    except ConfigError as e:  # a broker TLS file found unusable when connecting
+        res.status, res.error = CONFIG_ERROR, str(e)
     except StateError as e:
         res.status, res.error = STATE_FAILED, str(e)
     finally:

@@ -119,6 +119,30 @@ class BrokerOutlet:
         return f"{type(e).__name__}: {e}".replace("\n", " ")
 
 
+class LazyBrokerOutlet:
+    """The broker outlet, connected at the first message.
+
+    Most runs of a 10-minute timer find little or nothing new: those cost no
+    pika import and no AMQP handshake.  The secrets file is still checked at
+    once, so a bad one fails every run, not only runs with data.
+    """
+
+    def __init__(self, settings: config.Broker) -> None:
+        if settings.password_file:
+            config.read_secret(settings.password_file, "[broker] password_file")
+        self.settings = settings
+        self.outlet: BrokerOutlet | None = None
+
+    def send(self, msg: Message) -> None:
+        if self.outlet is None:
+            self.outlet = BrokerOutlet(self.settings)
+        self.outlet.send(msg)
+
+    def close(self) -> None:
+        if self.outlet is not None:
+            self.outlet.close()
+
+
 def connection_parameters(settings: config.Broker):
     """pika parameters from ``[broker]``: URL, password file, TLS, EXTERNAL auth."""
     import pika

@@ -43,12 +43,12 @@ def collect_host(cfg: Config, host: str, *, dry_run: bool = False) -> int:
 
 
 def _locked(cfg: Config, host: str) -> int:
-    from psprobe.publish import BrokerError, BrokerOutlet
+    from psprobe.publish import BrokerError, LazyBrokerOutlet
 
     started = time.time()
     cp = checkpoint.load(cfg.collect.state_dir, host)
     try:
-        outlet = BrokerOutlet(cfg.broker)
+        outlet = LazyBrokerOutlet(cfg.broker)
     except (BrokerError, ConfigError) as e:
         res = Result(host, started, ended=time.time(), status=BROKER_FAILED, error=str(e))
         if isinstance(e, ConfigError):
