@@ -12,7 +12,7 @@ with 50 ms added before every answer, publishing to the real broker:
   every 10 minutes (so half of them in a 5-minute window), throughput every
   6 hours (none).  "all new" is the worst case: every series has new points.
 
-Each with ``[archive] parallel`` = 1 and the default (4).  Printed: wall time,
+Each with ``[archive] parallel`` = 1, the default (4) and 8.  Printed: wall time,
 HTTP requests (metadata / data), data requests per series that can hold new
 points (1.00 = no wasted request), TLS handshakes and connections.
 Targets (issue 7): steady state under 3 s; 1 TLS handshake per run at parallel 1.
@@ -81,7 +81,7 @@ def main() -> int:
     results = {}
     with tempfile.TemporaryDirectory(prefix="psprobe-bench-") as d:
         pki = make_pki(Path(d) / "pki")
-        for parallel in (1, 4):
+        for parallel in (1, 4, 8):
             for everything in (False, True):
                 now = int(time.time())
                 with EsmondSim("127.0.0.1", 0, tls=(str(pki.server_cert),
