@@ -343,3 +343,22 @@ def test_a_host_that_leaves_the_mesh_loses_its_timer_at_the_next_sync(world):
     assert not world.c.path(f"/etc/systemd/system/timers.target.wants/{timer(gone)}").exists()
     assert world.show(timer(gone), "ActiveState")["ActiveState"] == "inactive"
     assert f"sync: removed {gone}" in world.c.journal("psprobe-sync.service")
+
+
+def test_pause_resume_and_status_under_systemd(world):
+    """The operator's tools against the real systemd: timers stop and come back, NEXT is systemd's."""
+    c = world.c
+    running = world.listed_timers()
+    assert running
+    assert c.run("psprobe pause").returncode == 0
+    assert world.listed_timers() == set()
+    assert world.show("psprobe-sync.timer", "ActiveState")["ActiveState"] == "inactive"
+    st = json.loads(c.run("psprobe status --json").stdout)
+    assert st["paused"]
+    assert c.run("psprobe resume").returncode == 0
+    assert world.listed_timers() == running
+    assert world.show("psprobe-sync.timer", "ActiveState")["ActiveState"] == "active"
+    st = json.loads(c.run("psprobe status --json").stdout)
+    assert not st["paused"]
+    nxt = {h["host"]: h["next_run"] for h in st["hosts"] if h["enabled"]}
+    assert nxt and all(isinstance(v, (int, float)) for v in nxt.values()), nxt
