@@ -362,3 +362,20 @@ def test_pause_resume_and_status_under_systemd(world):
     assert not st["paused"]
     nxt = {h["host"]: h["next_run"] for h in st["hosts"] if h["enabled"]}
     assert nxt and all(isinstance(v, (int, float)) for v in nxt.values()), nxt
+
+
+def test_an_ipv6_archive_runs_under_its_escaped_unit_name(world):
+    """psprobe@\\x5b::1\\x5d:PORT.service: %i carries the escaped brackets, collect reads them."""
+    with EsmondSim("::1", 0) as sim6:
+        host = f"[::1]:{sim6.port}"
+        sim6.host(host).add_test("throughput", event_types=["throughput"], step=600,
+                                 **{"input-source": "v6.example.org"})
+        unit = service(host)
+        assert "\\x5b" in unit
+        cp = world.c.systemctl("start", unit)
+        assert cp.returncode == 0, cp.stderr + world.c.journal(unit, "-n", "20")
+        st = world.show(unit, "Result", "ExecMainStatus")
+        assert st == {"Result": "success", "ExecMainStatus": "0"}
+        assert f"collect {host}: ok" in world.c.journal(unit)
+        wait_until("the IPv6 host's points in the broker",
+                   lambda: world.bus.points_by_source().get("v6.example.org"), 30)
