@@ -93,3 +93,37 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "bus" in getattr(item, "fixturenames", ()) or item.path.parent.name == "faults":
             item.add_marker(pytest.mark.broker)
+
+
+@dataclass
+class CliResult:
+    exit_code: int
+    stdout: str
+    stderr: str
+    output: str  # both streams, as a person at the terminal sees them
+
+
+class _CliRunner:
+    """click's CliRunner with the same result on every click: EL9 ships 7.1, PyPI 8.x.
+
+    8.2 and newer keep stdout and stderr apart and mix them in ``output``; older
+    ones only do so when asked (``mix_stderr=False``) and then leave stderr out
+    of ``output``.
+    """
+
+    def __init__(self) -> None:
+        import inspect
+
+        from click.testing import CliRunner
+
+        self.old = "mix_stderr" in inspect.signature(CliRunner.__init__).parameters
+        self.runner = CliRunner(mix_stderr=False) if self.old else CliRunner()
+
+    def invoke(self, *args, **kwargs) -> CliResult:
+        r = self.runner.invoke(*args, **kwargs)
+        output = r.stdout + r.stderr if self.old else r.output
+        return CliResult(r.exit_code, r.stdout, r.stderr, output)
+
+
+def cli_runner() -> _CliRunner:
+    return _CliRunner()

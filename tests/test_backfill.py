@@ -6,8 +6,7 @@ import time
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
-from conftest import AMQP_URL, write_config
+from conftest import AMQP_URL, cli_runner, write_config
 from esmond_sim import EsmondSim
 
 from psprobe import checkpoint, config, control, history, runner, state
@@ -52,7 +51,7 @@ def cp_bytes(cfg, host) -> bytes:
 
 
 def cli(conf, *args):
-    return CliRunner().invoke(main, ["--config", str(conf), *args])
+    return cli_runner().invoke(main, ["--config", str(conf), *args])
 
 
 def test_same_window_same_messages_same_ids_and_the_checkpoint_stays(tmp_path, sim, bus):

@@ -7,7 +7,7 @@ import os
 import subprocess
 from pathlib import Path
 
-from click.testing import CliRunner
+from conftest import cli_runner
 from test_status import prepared, run
 
 from psprobe import config, control, hostnames, units
@@ -67,10 +67,10 @@ def test_resume_starts_what_sync_keeps(tmp_path):
 def test_systemctl_refusal_is_an_error_line(tmp_path, monkeypatch):
     conf, _ = world(tmp_path)
     monkeypatch.setattr(units, "systemctl", Systemctl(stop=1))
-    r = CliRunner().invoke(main, ["--config", str(conf), "pause"])
+    r = cli_runner().invoke(main, ["--config", str(conf), "pause"])
     assert r.exit_code == 1 and "pause: systemctl stop: boom" in r.output
     monkeypatch.setattr(units, "systemctl", Systemctl())
-    r = CliRunner().invoke(main, ["--config", str(conf), "resume"])
+    r = cli_runner().invoke(main, ["--config", str(conf), "resume"])
     assert r.exit_code == 0 and "resumed: started 3 timers" in r.output
 
 
@@ -78,14 +78,14 @@ def test_a_timer_started_collect_or_sync_does_nothing_while_paused(tmp_path, mon
     conf, cfg = world(tmp_path)
     control.pause(cfg.collect.state_dir, cfg.mesh.unit_dir, systemctl=Systemctl())
     env = {"INVOCATION_ID": "0123abcd"}
-    r = CliRunner().invoke(main, ["--config", str(conf), "collect", "a.example"], env=env)
+    r = cli_runner().invoke(main, ["--config", str(conf), "collect", "a.example"], env=env)
     assert r.exit_code == 0 and "collect a.example: psprobe is paused" in r.output
-    r = CliRunner().invoke(main, ["--config", str(conf), "sync"], env=env)
+    r = cli_runner().invoke(main, ["--config", str(conf), "sync"], env=env)
     assert r.exit_code == 0 and "sync: psprobe is paused" in r.output
     assert not (Path(cfg.collect.state_dir) / "sync.json").exists()
     # by hand it runs (here: fails to reach the broker of the prepared config), with a warning
     monkeypatch.delenv("INVOCATION_ID", raising=False)
-    r = CliRunner().invoke(main, ["--config", str(conf), "collect", "a.example"])
+    r = cli_runner().invoke(main, ["--config", str(conf), "collect", "a.example"])
     assert "running anyway" in r.output and r.exit_code != 0
 
 
@@ -98,24 +98,24 @@ def test_logs_validates_the_host_and_runs_journalctl(tmp_path):
     fake.write_text(f"#!/bin/sh\nprintf '%s\\n' \"$@\" > {rec}\nexit 3\n")
     fake.chmod(0o755)
     env = {"PATH": f"{bindir}:{os.environ['PATH']}"}
-    r = CliRunner().invoke(main, ["--config", str(conf), "logs", "b.example:8443", "-f", "--since",
+    r = cli_runner().invoke(main, ["--config", str(conf), "logs", "b.example:8443", "-f", "--since",
                                   "today", "-p", "warning"], env=env)
     assert r.exit_code == 3
     unit = f"psprobe@{hostnames.unit_instance('b.example:8443')}.service"
     assert rec.read_text().splitlines() == ["-u", unit, "-f", "--since", "today", "-p", "warning"]
     rec.unlink()
-    r = CliRunner().invoke(main, ["--config", str(conf), "logs", "c.example"], env=env)
+    r = cli_runner().invoke(main, ["--config", str(conf), "logs", "c.example"], env=env)
     assert r.exit_code == 2 and "not a host psprobe knows" in r.output and not rec.exists()
-    r = CliRunner().invoke(main, ["--config", str(conf), "logs", "../etc"], env=env)
+    r = cli_runner().invoke(main, ["--config", str(conf), "logs", "../etc"], env=env)
     assert r.exit_code == 2 and not rec.exists()
     # a host only the last sync named (no state yet) is known too
     (Path(config.load(str(conf)).collect.state_dir) / "sync.json").write_text(
         json.dumps({"hosts": ["new.example"]}))
-    r = CliRunner().invoke(main, ["--config", str(conf), "logs", "new.example"], env=env)
+    r = cli_runner().invoke(main, ["--config", str(conf), "logs", "new.example"], env=env)
     assert r.exit_code == 3
 
 
 def test_every_operator_command_has_help():
     for cmd in ("status", "logs", "pause", "resume", "backfill", "report"):
-        r = CliRunner().invoke(main, [cmd, "--help"])
+        r = cli_runner().invoke(main, [cmd, "--help"])
         assert r.exit_code == 0 and "Usage: main " + cmd in r.output.replace("psprobe", "main")

@@ -14,7 +14,7 @@ import pytest
 import tlsutil
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import AuthResult
-from click.testing import CliRunner
+from conftest import cli_runner
 from test_status import DOWN_HOST, LAG_HOST, OK_HOST, make_world, prepared, run, sim  # noqa: F401
 
 from psprobe import config, report, state
@@ -22,7 +22,7 @@ from psprobe.cli import main
 
 
 def cli(conf, *args):
-    return CliRunner().invoke(main, ["--config", str(conf), *args])
+    return cli_runner().invoke(main, ["--config", str(conf), *args])
 
 
 def free_port() -> int:

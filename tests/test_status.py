@@ -9,8 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
-from conftest import AMQP_URL, write_config
+from conftest import AMQP_URL, cli_runner, write_config
 from esmond_sim import EsmondSim
 
 from psprobe import checkpoint, config, runner, state, status, units
@@ -87,7 +86,7 @@ def world(tmp_path, sim, bus):
 
 
 def cli(conf: Path, *args: str, env: dict | None = None):
-    return CliRunner().invoke(main, ["--config", str(conf), *args], env=env)
+    return cli_runner().invoke(main, ["--config", str(conf), *args], env=env)
 
 
 def test_status_of_real_runs_shows_failing_then_lagging_then_ok_and_exits_1(world, bus):
