@@ -23,12 +23,7 @@ from operator import itemgetter, lt
 from typing import Any
 from urllib.parse import urlencode, urljoin, urlsplit
 
-# requests' own transport, used directly: requests' per-request work (settings merged,
-# environment read, cookies, hooks) was half the CPU of a far host's run, and leaving
-# requests out makes a collect's start 25 ms cheaper.  Works with urllib3 1.25 and newer.
-import urllib3
-
-from psprobe import config
+from psprobe import config, fetch
 
 log = logging.getLogger("psprobe.archive")
 
@@ -39,9 +34,6 @@ _KEY = re.compile(r"[A-Za-z0-9_-]{1,128}")
 _EVENT = re.compile(r"[a-z0-9][a-z0-9-]{0,63}")
 _SEGMENT = re.compile(r"[A-Za-z0-9_.-]+")
 RETRY_STATUS = (500, 502, 503, 504, 429)
-# What requests sent; gzip matters most for far hosts.
-HEADERS = {"User-Agent": "psprobe", "Accept": "application/json",
-           "Accept-Encoding": "gzip, deflate"}
 
 
 class ArchiveError(Exception):
@@ -87,17 +79,11 @@ class Archive:
         self.requests = 0
         self._verify = _verify(settings.verify)
         self._ssl: ssl.SSLContext | None = None
-        self._managers: dict[str, urllib3.PoolManager] = {}  # by proxy URL ("" = direct)
-        self._proxies: dict[str, str] = {}  # origin -> proxy URL or ""
-        self._timeout = urllib3.Timeout(connect=settings.timeout, read=settings.timeout)
-        if self._verify is False:
-            # collect logs its own one-line warning per run; urllib3's would add a
-            # multi-line Python warning to the journal as well.
-            urllib3.disable_warnings(urllib3.exceptions.InsecureRequestWarning)
+        self._pools: dict[str, fetch.Pool] = {}  # by origin
 
     def close(self) -> None:
-        for m in self._managers.values():
-            m.clear()
+        for pool in self._pools.values():
+            pool.close()
 
     def _url_for(self, scheme: str) -> str:
         if self.read_url:
@@ -108,52 +94,28 @@ class Archive:
 
     # --- HTTP
 
-    def _manager(self, url: str) -> urllib3.PoolManager:
-        """The connection pools for ``url``: one TLS context, ``parallel`` connections.
+    def _pool(self, origin: str) -> fetch.Pool:
+        """The keep-alive connections to ``origin``: at most ``parallel``, one TLS context.
 
-        Built at the first request (the metadata walk, before the fetch threads).
+        Made at the first request (the metadata walk, before the fetch threads).
         """
-        proxy = self._proxy(url)
-        m = self._managers.get(proxy)
-        if m is None:
-            kw: dict[str, Any] = {"num_pools": 2, "maxsize": self.settings.parallel,
-                                  "headers": HEADERS}
-            if url.startswith("https:"):
-                kw.update(ssl_context=self._context(),
-                          cert_reqs="CERT_NONE" if self._verify is False else "CERT_REQUIRED")
-                if self._verify is False:
-                    kw["assert_hostname"] = False
-            m = urllib3.ProxyManager(proxy, **kw) if proxy else urllib3.PoolManager(**kw)
-            self._managers[proxy] = m
-        return m
-
-    def _proxy(self, url: str) -> str:
-        """The proxy for ``url``'s origin (read from the environment once per origin)."""
-        origin = url[:url.index("/", url.index("//") + 2)]
-        if origin not in self._proxies:
-            self._proxies[origin] = _proxy_for(url)
-        return self._proxies[origin]
+        pool = self._pools.get(origin)
+        if pool is None:
+            ctx = self._context() if origin.startswith("https:") else None
+            pool = fetch.Pool(origin, self.settings.parallel, self.settings.timeout, ctx,
+                              fetch.proxy_for(origin + "/"))
+            self._pools[origin] = pool
+        return pool
 
     def _context(self) -> ssl.SSLContext:
-        """One TLS context per run: the CA bundle is loaded once, not per connection."""
         if self._ssl is None:
-            v = self._verify
+            s = self.settings
             try:
-                ctx = ssl.create_default_context(
-                    cafile=v if isinstance(v, str) and not os.path.isdir(v) else None,
-                    capath=v if isinstance(v, str) and os.path.isdir(v) else None)
-                # urllib3 matches the host name itself (1.x needs that, for IP addresses)
-                ctx.check_hostname = False
-                if v is False:
-                    ctx.verify_mode = ssl.CERT_NONE
-                s = self.settings
-                if s.cert:
-                    ctx.load_cert_chain(s.cert, s.key or None)
+                self._ssl = fetch.tls_context(self._verify, s.cert, s.key)
             except (ssl.SSLError, OSError) as e:
-                what = "cert/key" if self.settings.cert else "verify"
+                what = "cert/key" if s.cert else "verify"
                 raise config.ConfigError(
                     f"{self.host}: [archive] {what}: cannot load: {_reason(e)}") from None
-            self._ssl = ctx
         return self._ssl
 
     def get_json(self, url: str, params: dict[str, Any]) -> Any:
@@ -177,55 +139,37 @@ class Archive:
 
     def _get_once(self, url: str, params: dict[str, Any]) -> Any:
         s = self.settings
-        deadline = time.monotonic() + 4 * s.timeout
-        limit = int(s.max_answer_mb * 1024 * 1024)
-        where = f"{url}?{urlencode(params)}" if params else url
+        u = urlsplit(url)
+        target = f"{u.path}?{urlencode(params)}" if params else u.path
+        where = f"{u.scheme}://{u.netloc}{target}"
+        pool = self._pool(f"{u.scheme}://{u.netloc}")
         self.requests += 1
         try:
-            r = self._manager(url).urlopen("GET", where, retries=False, redirect=False,
-                                           timeout=self._timeout, preload_content=False,
-                                           enforce_content_length=True)  # 1.x did not
-        except urllib3.exceptions.SSLError as e:
+            ans = pool.get(target, int(s.max_answer_mb * 1024 * 1024),
+                           time.monotonic() + 4 * s.timeout)
+        except fetch.TLSFailed as e:
             raise _TLS(f"{url}: TLS failed: {_reason(e)}") from None
-        except urllib3.exceptions.ReadTimeoutError:
-            raise _Transient(f"{url}: no answer within {s.timeout:g}s") from None
-        except (urllib3.exceptions.NewConnectionError, urllib3.exceptions.ConnectTimeoutError,
-                urllib3.exceptions.ProtocolError, urllib3.exceptions.ProxyError, OSError) as e:
-            proxy = self._proxy(url)
-            via = f" through proxy {_no_userinfo(proxy)}" if proxy else ""
+        except fetch.ConnectFailed as e:
+            via = f" through proxy {fetch.no_userinfo(pool.proxy)}" if pool.proxy else ""
             raise _Connect(f"{url}: cannot connect{via}: {_reason(e)}") from None
-        except urllib3.exceptions.HTTPError as e:
-            raise _Transient(f"{url}: {_reason(e)}") from None
-        done = False
-        try:
-            parts, size = [], 0
-            for part in r.stream(65536):
-                size += len(part)
-                if size > limit:
-                    raise ArchiveError(f"{where}: answer larger than {s.max_answer_mb:g} MB")
-                if time.monotonic() > deadline:
-                    raise _Transient(f"{where}: answer took longer than {4 * s.timeout:g}s")
-                parts.append(part)
-            body = b"".join(parts)
-            done = True
-        except urllib3.exceptions.ReadTimeoutError:
+        except fetch.TimedOut:
             raise _Transient(f"{url}: no answer within {s.timeout:g}s") from None
-        except (urllib3.exceptions.HTTPError, OSError) as e:  # cut short, undecodable, TLS
+        except fetch.TooLarge:
+            raise ArchiveError(f"{where}: answer larger than {s.max_answer_mb:g} MB") from None
+        except fetch.Broken as e:
+            if e.reason == "too slow":
+                raise _Transient(f"{where}: answer took longer than {4 * s.timeout:g}s") from None
             raise _Transient(f"{url}: {_reason(e)}") from None
-        finally:
-            if not done:  # an unread rest must not meet the next request on this connection
-                r.close()
-            r.release_conn()
-        if r.status != 200:
-            detail = _detail(body)
-            msg = f"{where}: HTTP {r.status}{': ' + detail if detail else ''}"
-            if r.status in RETRY_STATUS:
+        if ans.status != 200:
+            detail = _detail(ans.body)
+            msg = f"{where}: HTTP {ans.status}{': ' + detail if detail else ''}"
+            if ans.status in RETRY_STATUS:
                 raise _Transient(msg)
             raise ArchiveError(msg)
         try:
-            return json.loads(body)
+            return json.loads(ans.body)
         except ValueError as e:
-            kind = "truncated JSON" if body[:1] in (b"[", b"{") else "not JSON"
+            kind = "truncated JSON" if ans.body[:1] in (b"[", b"{") else "not JSON"
             raise ArchiveError(f"{where}: answer is {kind} ({e})") from None
 
     # --- metadata
@@ -432,26 +376,6 @@ def _verify(verify: bool | str) -> bool | str:
     return verify
 
 
-def _proxy_for(url: str) -> str:
-    """The proxy URL for ``url`` from $https_proxy / $http_proxy / $all_proxy and $no_proxy, or ""."""
-    if not any(k.lower().endswith("_proxy") for k in os.environ):
-        return ""  # the usual case: urllib.request is not even imported
-    from urllib.request import getproxies, proxy_bypass
-
-    u = urlsplit(url)
-    proxies = getproxies()
-    proxy = proxies.get(u.scheme) or proxies.get("all") or ""
-    if proxy and proxy_bypass(u.hostname or ""):
-        return ""
-    return proxy
-
-
-def _no_userinfo(url: str) -> str:
-    """A proxy URL fit for a log line: no user name or password."""
-    u = urlsplit(url)
-    return u._replace(netloc=u.netloc.rpartition("@")[2]).geturl()
-
-
 def _kind(obj: Any) -> str:
     return {dict: "an object", str: "a string", type(None): "null"}.get(type(obj), type(obj).__name__)
 
@@ -468,7 +392,7 @@ def _detail(body: bytes) -> str:
 
 
 def _reason(e: Exception) -> str:
-    """The innermost useful words of a requests/urllib3 exception."""
+    """The innermost useful words of an HTTP, socket or TLS failure."""
     text = str(e)
     if "EOF occurred in violation of protocol" in text or "UNEXPECTED_EOF" in text:
         # TLS 1.3 sends the "certificate required" alert after the handshake: the

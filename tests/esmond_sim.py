@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import gzip
 import hashlib
 import json
 import re
@@ -898,8 +899,10 @@ class EsmondSim:
         self.hosts: dict[str, Host] = {}
         self.by_prefix: dict[str, Host] = {}
         self.default_host = default_host
+        # Answer gzip-compressed to clients that accept it, as Apache's mod_deflate does.
+        self.gzip = False
         self.stats = {"connections": 0, "tls_handshakes": 0, "tls_failures": 0,
-                      "tls_resumed": 0, "requests": 0}
+                      "tls_resumed": 0, "requests": 0, "gzipped": 0}
         self.ssl_context: ssl.SSLContext | None = None
         if tls:
             ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
@@ -1018,6 +1021,11 @@ class EsmondSim:
     # -- serving
     def _send(self, h: _Handler, status: int, body: bytes, ctype: str,
               headers: dict[str, str] | None = None, length: int | None = None) -> None:
+        if self.gzip and length is None and "gzip" in h.headers.get("Accept-Encoding", ""):
+            body = gzip.compress(body)
+            headers = {**(headers or {}), "Content-Encoding": "gzip"}
+            with self._lock:
+                self.stats["gzipped"] += 1
         h.send_response(status)
         h.send_header("Content-Type", ctype)
         h.send_header("Content-Length", str(len(body) if length is None else length))

@@ -3,7 +3,12 @@ connections bounded by ``parallel`` and kept alive, a client key that does not f
 
 from __future__ import annotations
 
+import base64
+import contextlib
 import logging
+import socket
+import threading
+import time
 
 import pytest
 import tlsutil
@@ -94,3 +99,87 @@ def test_a_client_key_that_does_not_fit_is_a_config_error(no_proxy_env, bus, tmp
         (line,) = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
         assert f"{host}: [archive] cert/key: cannot load:" in line and "\n" not in line
         assert sim.host("localhost").requests() == [] and bus.drain() == []
+
+
+def test_gzip_answers_are_decoded_and_capped_by_their_decoded_size(no_proxy_env, bus, tmp_path,
+                                                                     caplog):
+    with EsmondSim() as sim:
+        sim.gzip = True
+        h = sim.host("localhost")
+        h.add_test("latencybg", event_types=["packet-loss-rate"], step=600)
+        host = f"localhost:{sim.port}"
+        assert runner.collect_host(make_cfg(tmp_path, bus), host) == OK
+        assert len(arrived(bus.drain())) == 72 and sim.stats["gzipped"] == 2
+        # 10 000 traceroutes: megabytes of JSON in one page, a fraction of that on the wire
+        now = int(time.time())
+        h.add_test("trace", event_types=["packet-trace"], start=now - 20_000,
+                   count=20_000, step=1)
+        cfg = make_cfg(tmp_path / "cap", bus, archive={"max_answer_mb": 1, "page_points": 10_000})
+        assert runner.collect_host(cfg, host) == ARCHIVE_FAILED
+        assert "answer larger than 1 MB" in caplog.text
+
+
+class ConnectProxy:
+    """A CONNECT-only HTTP proxy on loopback: it records each tunnel's target and relays."""
+
+    def __init__(self) -> None:
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.tunnels: list[tuple[str, str]] = []  # (target, Proxy-Authorization)
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                client, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._tunnel, args=(client,), daemon=True).start()
+
+    def _tunnel(self, client: socket.socket) -> None:
+        head = b""
+        while b"\r\n\r\n" not in head:
+            chunk = client.recv(4096)
+            if not chunk:
+                return client.close()
+            head += chunk
+        lines = head.decode().split("\r\n")
+        target = lines[0].split()[1]
+        auth = next((x.split(":", 1)[1].strip() for x in lines
+                     if x.lower().startswith("proxy-authorization:")), "")
+        self.tunnels.append((target, auth))
+        host, port = target.rsplit(":", 1)
+        upstream = socket.create_connection((host, int(port)))
+        client.sendall(b"HTTP/1.1 200 Connection established\r\n\r\n")
+        for a, b in ((client, upstream), (upstream, client)):
+            threading.Thread(target=_relay, args=(a, b), daemon=True).start()
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def _relay(src: socket.socket, dst: socket.socket) -> None:
+    with contextlib.suppress(OSError):
+        while data := src.recv(65536):
+            dst.sendall(data)
+    for s in (src, dst):
+        with contextlib.suppress(OSError):
+            s.shutdown(socket.SHUT_RDWR)
+
+
+def test_https_goes_through_a_connect_proxy_with_its_credentials(no_proxy_env, bus, tmp_path,
+                                                                 pki):
+    proxy = ConnectProxy()
+    try:
+        with EsmondSim(tls=(str(pki.server_cert), str(pki.server_key))) as sim:
+            sim.host("localhost").add_test("throughput", event_types=["throughput"], step=600)
+            host = f"localhost:{sim.port}"
+            no_proxy_env.setenv("https_proxy", f"http://ps%40collector:p%3Ass@127.0.0.1:{proxy.port}")
+            cfg = make_cfg(tmp_path, bus, archive={"schemes": "https", "verify": pki.ca})
+            assert runner.collect_host(cfg, host) == OK
+            assert len(arrived(bus.drain())) == 72
+            basic = "Basic " + base64.b64encode(b"ps@collector:p:ss").decode()
+            assert proxy.tunnels == [(host, basic)]  # one tunnel, kept alive for the run
+            assert sim.stats["tls_handshakes"] == 1
+    finally:
+        proxy.close()

@@ -190,7 +190,7 @@ def test_account_is_the_same_in_pre_and_sysusers(built):
 def test_requires_el_runtime_packages(built):
     requires = run("rpm", "-qpR", built.rpm).stdout.split("\n")
     names = {r.split()[0] for r in requires if r.strip()}
-    assert {"python3-requests", "python3-urllib3", "python3-pika", "python3-click", "shadow-utils",
+    assert {"python3-requests", "python3-pika", "python3-click", "shadow-utils",
             "systemd"} <= names
     prereq = qf(built.rpm, "[%{REQUIREFLAGS:deptype} %{REQUIRENAME}\n]")
     for phase in ("post", "preun", "postun"):

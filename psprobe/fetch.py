@@ -1,0 +1,251 @@
+"""GETs to one archive origin over keep-alive connections, on the standard library alone.
+
+A far host's run is hundreds of small GETs, so the client's own CPU per
+request is most of a run's CPU.  ``http.client`` costs a third of urllib3 per
+request and a sixth of requests (bench/latency.py, bench/fleet.py), and needs
+no import beyond what Python has.  What urllib3 added and a collector needs is
+here: a pool of at most ``size`` connections per origin, one TLS context per
+run, proxies from the environment, dead keep-alive connections replaced, gzip,
+and failures sorted by what the caller can do about them.
+"""
+
+from __future__ import annotations
+
+import base64
+import http.client
+import os
+import select
+import socket
+import ssl
+import threading
+import time
+import zlib
+from dataclasses import dataclass
+from urllib.parse import unquote, urlsplit
+
+HEADERS = {"User-Agent": "psprobe", "Accept": "application/json",
+           "Accept-Encoding": "gzip, deflate"}
+
+
+class FetchError(Exception):
+    """A GET failed; ``reason`` is a few words (the caller adds the URL)."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class ConnectFailed(FetchError):
+    """No connection, or it closed before an answer: the next scheme may work."""
+
+
+class TLSFailed(ConnectFailed):
+    """TLS handshake or verification failed."""
+
+
+class TimedOut(FetchError):
+    """The server accepted the request but did not answer in time."""
+
+
+class Broken(FetchError):
+    """The answer was cut short, undecodable or too slow as a whole."""
+
+
+class TooLarge(FetchError):
+    """The answer was larger than the caller allows."""
+
+
+@dataclass
+class Answer:
+    status: int
+    body: bytes
+
+
+def tls_context(verify: bool | str, cert: str = "", key: str = "") -> ssl.SSLContext:
+    """One context for a run's connections: ``verify`` True (system CAs), False, or a CA
+    file or directory.  Raises OSError / ssl.SSLError for unusable files."""
+    path = verify if isinstance(verify, str) else None
+    ctx = ssl.create_default_context(
+        cafile=path if path and not os.path.isdir(path) else None,
+        capath=path if path and os.path.isdir(path) else None)
+    if verify is False:
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+    if cert:
+        ctx.load_cert_chain(cert, key or None)
+    return ctx
+
+
+class Pool:
+    """Keep-alive connections to one origin (``scheme://host:port``), at most ``size`` idle.
+
+    Thread-safe: each GET takes an idle connection or opens one, and gives it
+    back only when its answer was read to the end.
+    """
+
+    def __init__(self, origin: str, size: int, timeout: float,
+                 context: ssl.SSLContext | None = None, proxy: str = "") -> None:
+        u = urlsplit(origin)
+        self.origin, self.https = origin, u.scheme == "https"
+        self.host, self.port = u.hostname or "", u.port or (443 if self.https else 80)
+        self.size, self.timeout, self.context, self.proxy = size, timeout, context, proxy
+        self._via: tuple[str, int] | None = None
+        self._proxy_headers: dict[str, str] = {}
+        if proxy:
+            p = urlsplit(proxy)
+            self._via = (p.hostname or "", p.port or (443 if p.scheme == "https" else 80))
+            if p.username is not None:
+                cred = f"{unquote(p.username)}:{unquote(p.password or '')}".encode()
+                self._proxy_headers = {
+                    "Proxy-Authorization": "Basic " + base64.b64encode(cred).decode()}
+        self._idle: list[http.client.HTTPConnection] = []
+        self._lock = threading.Lock()
+        self.opened = 0  # connections opened (for tests and benchmarks)
+
+    def close(self) -> None:
+        with self._lock:
+            idle, self._idle = self._idle, []
+        for c in idle:
+            c.close()
+
+    def get(self, target: str, limit: int, deadline: float) -> Answer:
+        """GET ``target`` (path and query); the body is at most ``limit`` bytes, decoded."""
+        conn = self._take()
+        try:
+            r = self._send(conn, target)
+            body = self._read(r, limit, deadline)
+        except BaseException:
+            conn.close()
+            raise
+        if r.will_close:
+            conn.close()
+        else:
+            self._give(conn)
+        return Answer(r.status, body)
+
+    # --- connections
+
+    def _take(self) -> http.client.HTTPConnection:
+        with self._lock:
+            while self._idle:
+                conn = self._idle.pop()
+                if not _dropped(conn):
+                    return conn
+                conn.close()
+        return self._open()
+
+    def _give(self, conn: http.client.HTTPConnection) -> None:
+        with self._lock:
+            if len(self._idle) < self.size:
+                self._idle.append(conn)
+                return
+        conn.close()
+
+    def _open(self) -> http.client.HTTPConnection:
+        host, port = self._via or (self.host, self.port)
+        if self.https:
+            conn: http.client.HTTPConnection = http.client.HTTPSConnection(
+                host, port, timeout=self.timeout, context=self.context)
+            if self._via:
+                conn.set_tunnel(self.host, self.port, headers=self._proxy_headers)
+        else:
+            conn = http.client.HTTPConnection(host, port, timeout=self.timeout)
+        try:
+            conn.connect()
+        except (ssl.SSLError, ssl.CertificateError) as e:
+            conn.close()
+            raise TLSFailed(_words(e)) from None
+        except OSError as e:  # refused, unreachable, DNS, connect timeout, proxy said no
+            conn.close()
+            raise ConnectFailed(_words(e)) from None
+        with self._lock:
+            self.opened += 1
+        return conn
+
+    # --- one exchange
+
+    def _send(self, conn: http.client.HTTPConnection, target: str) -> http.client.HTTPResponse:
+        headers = HEADERS
+        if self._via and not self.https:  # a plain proxy takes the absolute URL
+            target = self.origin + target
+            headers = {**HEADERS, **self._proxy_headers}
+        try:
+            conn.request("GET", target, headers=headers)
+            return conn.getresponse()
+        except (ssl.SSLError, ssl.CertificateError) as e:  # e.g. TLS 1.3's late alerts
+            raise TLSFailed(_words(e)) from None
+        except (socket.timeout, TimeoutError):
+            raise TimedOut(f"no answer within {self.timeout:g}s") from None
+        except (OSError, http.client.HTTPException) as e:  # reset, closed, not HTTP
+            raise ConnectFailed(_words(e)) from None
+
+    def _read(self, r: http.client.HTTPResponse, limit: int, deadline: float) -> bytes:
+        enc = (r.getheader("Content-Encoding") or "").strip().lower()
+        inflate = zlib.decompressobj(47) if enc in ("gzip", "deflate", "x-gzip") else None
+        parts, size, raw = [], 0, 0
+        try:
+            while True:
+                chunk = r.read(65536)
+                if not chunk:
+                    break
+                raw += len(chunk)
+                if inflate is not None:
+                    chunk = inflate.decompress(chunk, limit + 1 - size)
+                    if inflate.unconsumed_tail:
+                        raise TooLarge("too large")
+                size += len(chunk)
+                if size > limit:
+                    raise TooLarge("too large")
+                if time.monotonic() > deadline:
+                    raise Broken("too slow")
+                parts.append(chunk)
+        except (socket.timeout, TimeoutError):
+            raise TimedOut(f"no answer within {self.timeout:g}s") from None
+        except (OSError, http.client.HTTPException, zlib.error) as e:  # cut, reset, bad gzip
+            raise Broken(_words(e)) from None
+        if r.length:  # EOF before Content-Length: http.client's read(n) does not say so
+            raise Broken(repr(http.client.IncompleteRead(b"", r.length)).replace(
+                "0 bytes read", f"{raw} bytes read"))
+        return b"".join(parts)
+
+
+def proxy_for(url: str) -> str:
+    """The proxy URL for ``url`` from $https_proxy / $http_proxy / $all_proxy and $no_proxy, or ""."""
+    if not any(k.lower().endswith("_proxy") for k in os.environ):
+        return ""  # the usual case: urllib.request is not even imported
+    from urllib.request import getproxies, proxy_bypass
+
+    u = urlsplit(url)
+    proxies = getproxies()
+    proxy = proxies.get(u.scheme) or proxies.get("all") or ""
+    if proxy and proxy_bypass(u.hostname or ""):
+        return ""
+    if proxy and "://" not in proxy:
+        proxy = "http://" + proxy
+    return proxy
+
+
+def no_userinfo(url: str) -> str:
+    """A proxy URL fit for a log line: no user name or password."""
+    u = urlsplit(url)
+    return u._replace(netloc=u.netloc.rpartition("@")[2]).geturl()
+
+
+def _dropped(conn: http.client.HTTPConnection) -> bool:
+    """An idle keep-alive connection the server closed (readable means EOF or junk)."""
+    sock = conn.sock
+    if sock is None:
+        return True
+    try:
+        return bool(select.select([sock], [], [], 0)[0])
+    except (OSError, ValueError):
+        return True
+
+
+def _words(e: BaseException) -> str:
+    """The exception's own words, for :func:`psprobe.archive._reason` to trim."""
+    if isinstance(e, http.client.IncompleteRead):
+        return repr(e)
+    if isinstance(e, http.client.RemoteDisconnected):
+        return "Remote end closed connection without response"
+    return str(e) or type(e).__name__
