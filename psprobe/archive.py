@@ -258,8 +258,11 @@ class Archive:
     def data_url(self, uri: Any, key: str, event_type: str) -> str | None:
         """Absolute URL of a series' base data, or None (and a warning) if it leaves the archive."""
         base = urlsplit(self.base)
+        usual = f"{base.path}{key}/{event_type}/base"
         if not isinstance(uri, str) or not uri:
-            uri = f"{base.path}{key}/{event_type}/base"
+            uri = usual
+        if uri == usual:  # esmond's own form; key and event type are checked already
+            return f"{base.scheme}://{base.netloc}{uri}"
         u = urlsplit(urljoin(self.base, uri))
         segments = u.path[len(base.path):].split("/") if u.path.startswith(base.path) else []
         ok = (

@@ -25,7 +25,7 @@ import time
 # Same as psprobe.config.DEFAULT_PATH (a test checks): importing config costs ~2 MB.
 DEFAULT_CONFIG = "/etc/psprobe/psprobe.conf"
 DEFAULT_RUNTIME_DIR = "/run/psprobe"
-DEFAULT_MAX = 8
+DEFAULT_MAX = 16
 TICK = 1.0  # a waiter rescans every slot about this often (seconds, randomised)
 
 
