@@ -8,7 +8,8 @@
    into the real broker (127.0.0.1:5672), publisher confirms and a fsync'd
    checkpoint after every confirmed message, as in production.
 2. The floor: the very requests that collect made (replayed from the
-   simulator's log) fetched with one requests session, decoded, and encoded
+   simulator's log) fetched over one keep-alive connection with the collector's
+   own HTTP client (``psprobe.fetch``), decoded, and encoded
    into the same message bodies with ``psprobe.messages.Encoder``; not
    published, no checkpoint.  Also a child process.
 Both print points/s, CPU seconds per 10 000 points and peak RSS; then the ratio.
@@ -59,18 +60,18 @@ def build(sim: EsmondSim, name: str, points: int, now: int) -> tuple[int, int]:
 def floor_child(base: str, log_file: str, chunk: int) -> int:
     """The floor, in its own process: replay the requests, decode, encode; publish nothing."""
     import json
+    import time
 
-    import requests
-
+    from psprobe.fetch import Pool
     from psprobe.messages import Encoder, meta_for
 
     reqs = json.loads(Path(log_file).read_text())
-    s = requests.Session()
+    pool = Pool(base, 1, 60)
     encoders: dict[str, Encoder] = {}
     records: dict[str, dict] = {}
     points = 0
     for path, query in reqs:
-        body = s.get(f"{base}{path}?{query}", timeout=60).content
+        body = pool.get(f"{path}?{query}", 1 << 30, time.monotonic() + 600).body
         page = json.loads(body)
         parts = path.rstrip("/").split("/")
         if parts[-1] != "base":  # the metadata walk

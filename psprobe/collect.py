@@ -8,6 +8,7 @@ memory at a few pages, whatever the backlog.
 
 from __future__ import annotations
 
+import functools
 import logging
 import queue
 import threading
@@ -201,18 +202,23 @@ def _consume(q: queue.Queue, pending: int, outlet: Outlet, cp: Checkpoint | None
             log.error("%s", item)
         else:
             msg: Message = item
-            outlet.send(msg)  # returns once the broker confirmed
-            if cp is not None:
-                cp.advance(pair.name, msg.last_ts)
-            res.points += msg.points
-            res.messages += 1
-            res.points_by_type[pair.event_type] = res.points_by_type.get(pair.event_type, 0) \
-                + msg.points
-            if progress:
-                progress(res)
+            outlet.send(msg, functools.partial(_confirmed, pair, msg, cp, res, progress))
+    outlet.flush()
     if res.failed:
         res.status = ARCHIVE_FAILED
         res.error = f"{res.failed} of {res.fetched} series could not be read; first: {first_error}"
+
+
+def _confirmed(pair: Pair, msg: Message, cp: Checkpoint | None, res: Result,
+               progress: Callable[[Result], None] | None) -> None:
+    """The broker has ``msg`` (and every message before it): now the checkpoint may move."""
+    if cp is not None:
+        cp.advance(pair.name, msg.last_ts)
+    res.points += msg.points
+    res.messages += 1
+    res.points_by_type[pair.event_type] = res.points_by_type.get(pair.event_type, 0) + msg.points
+    if progress:
+        progress(res)
 
 
 def _messages(pages: Iterable[list[tuple[int, Any]]], enc: Encoder, chunk: int):

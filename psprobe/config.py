@@ -196,6 +196,9 @@ class Broker:
     key: str = _k("", _existing_file)
     timeout: float = _k("30s", _duration_range(1, 3600))
     heartbeat: int = _k("60", _ranged(int, 0, 3600))
+    # Messages published before their confirms are awaited: a run costs a broker round
+    # trip per window, and one that dies resends at most this many.
+    confirm_window: int = _k("32", _ranged(int, 1, 10_000))
 
 
 @dataclass(frozen=True)

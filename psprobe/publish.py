@@ -1,16 +1,27 @@
 """Outlets for messages: the broker (confirmed), or standard output for --dry-run.
 
-An outlet has two methods, ``send(message)`` and ``close()``.  ``send``
-returns only once the message is safe: for the broker that means the broker
-confirmed it (publisher confirms, ``mandatory`` so an unroutable message is an
-error, not a silent drop).  Only then may the caller move a checkpoint.
+An outlet has ``send(message, confirmed)``, ``flush()`` and ``close()``.
+``confirmed()`` is called once the message is safe, in the order the messages
+were sent: for the broker that means the broker confirmed it (publisher
+confirms, ``mandatory`` so an unroutable message is an error, not a silent
+drop).  Only then may the caller move a checkpoint.  ``flush`` returns once
+every message sent is confirmed.
+
+The broker outlet keeps up to ``[broker] confirm_window`` messages published
+and not yet confirmed, so a run costs a broker round trip per window, not per
+message; a run that dies resends at most that many.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import ssl
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import IO, Protocol
 from urllib.parse import unquote, urlsplit
 
@@ -25,7 +36,9 @@ class BrokerError(Exception):
 
 
 class Outlet(Protocol):
-    def send(self, msg: Message) -> None: ...
+    def send(self, msg: Message, confirmed: Callable[[], None]) -> None: ...
+
+    def flush(self) -> None: ...
 
     def close(self) -> None: ...
 
@@ -37,16 +50,33 @@ class PrintOutlet:
         self.exchange = json.dumps(settings.exchange).encode()
         self.stream = stream
 
-    def send(self, msg: Message) -> None:
+    def send(self, msg: Message, confirmed: Callable[[], None]) -> None:
         self.stream.write(b'{"exchange":%s,"routing_key":%s,"message_id":"%s","body":%s}\n' % (
             self.exchange, json.dumps(msg.routing_key).encode(), msg.message_id.encode(), msg.body))
+        confirmed()
+
+    def flush(self) -> None:
+        self.stream.flush()
 
     def close(self) -> None:
         self.stream.flush()
 
 
+@dataclass
+class _Sent:
+    tag: int  # the channel's delivery tag
+    message_id: str
+    confirmed: Callable[[], None]
+
+
 class BrokerOutlet:
-    """One AMQP connection and confirming channel for a whole run."""
+    """One AMQP connection and confirming channel for a whole run.
+
+    pika's BlockingChannel waits for each confirm before the next publish; its
+    asynchronous channel underneath (``_impl``, there since pika 0.10) takes
+    confirms as they come, which is what a window needs.  Its callbacks only
+    record what the broker said; the checkpoint callbacks run afterwards, here.
+    """
 
     def __init__(self, settings: config.Broker) -> None:
         import pika  # imported here: --help and dry runs need not pay for it
@@ -70,19 +100,124 @@ class BrokerOutlet:
                                               durable=True)
             else:
                 self.channel.exchange_declare(settings.exchange, passive=True)
-            self.channel.confirm_delivery()
         except Exception as e:
             raise BrokerError(f"broker {self.where}: {self._reason(e)}") from None
         self.props = pika.BasicProperties(delivery_mode=2, content_type="application/json")
+        self.window = settings.confirm_window
+        self._sent: deque[_Sent] = deque()
+        self._tag = 0  # delivery tags count from 1 on a channel in confirm mode
+        self._acked_upto = 0  # every tag up to this one is acked ("multiple" acks)
+        self._acked: set[int] = set()  # single acks above it
+        self._returned: set[str] = set()  # message ids the broker returned unroutable
+        self._failed: Exception | str | None = None  # a nack, or why the channel closed
+        self._waiting = False  # in _wait: pika's callbacks must wake it
+        self._blocked = False  # Connection.Blocked (a resource alarm) until Unblocked
+        self.conn.add_on_connection_blocked_callback(lambda *_: self._set_blocked(True))
+        self.conn.add_on_connection_unblocked_callback(lambda *_: self._set_blocked(False))
+        ch = self.channel._impl
+        ch.add_on_return_callback(self._on_return)
+        ch.add_on_close_callback(self._on_close)
+        selected: list[bool] = []
 
-    def send(self, msg: Message) -> None:
+        def on_selected(_frame) -> None:
+            selected.append(True)
+            self._wake()
+
+        ch.confirm_delivery(ack_nack_callback=self._on_confirm, callback=on_selected)
+        self._wait(lambda: bool(selected), "answer to confirm.select")
+
+    # pika's callbacks: record, then wake process_data_events (which would otherwise
+    # wait out its time limit: it only returns early for BlockingChannel's own events)
+
+    def _on_confirm(self, frame) -> None:
+        m = frame.method
+        if isinstance(m, self._pika.spec.Basic.Nack):
+            self._failed = self._failed or "the broker refused (nack) a message"
+        elif m.multiple:
+            self._acked_upto = max(self._acked_upto, m.delivery_tag)
+        else:
+            self._acked.add(m.delivery_tag)
+        self._wake()
+
+    def _on_return(self, _channel, _method, props, _body) -> None:
+        self._returned.add(props.message_id)
+        self._wake()
+
+    def _on_close(self, _channel, reason: Exception) -> None:
+        self._failed = self._failed or reason
+        self._wake()
+
+    def _set_blocked(self, blocked: bool) -> None:
+        self._blocked = blocked
+
+    def _wake(self) -> None:
+        if not self._waiting:
+            return
+        # closing: process_data_events returns (and says why) anyway
+        with contextlib.suppress(self._pika.exceptions.ConnectionWrongStateError):
+            self.conn.add_callback_threadsafe(_nothing)
+
+    # the outlet
+
+    def send(self, msg: Message, confirmed: Callable[[], None]) -> None:
         props = self.props
         props.message_id = msg.message_id
         try:
-            self.channel.basic_publish(self.settings.exchange, msg.routing_key, msg.body,
-                                       properties=props, mandatory=True)
+            self.channel._impl.basic_publish(self.settings.exchange, msg.routing_key, msg.body,
+                                             properties=props, mandatory=True)
         except Exception as e:
             raise BrokerError(f"broker {self.where}: {self._reason(e)}") from None
+        self._tag += 1
+        self._sent.append(_Sent(self._tag, msg.message_id, confirmed))
+        if len(self._sent) >= self.window:  # a full window: out it goes, then wait for half
+            while len(self._sent) > self.window // 2:
+                self._progress()
+
+    def flush(self) -> None:
+        while self._sent:
+            self._progress()
+
+    def _progress(self) -> None:
+        """Wait until at least one more message is confirmed (or fail)."""
+        n = len(self._sent)
+        self._wait(lambda: len(self._sent) < n, "confirm")
+
+    def _wait(self, done: Callable[[], bool], what: str) -> None:
+        deadline = time.monotonic() + self.settings.timeout
+        self._io(0)
+        while not done():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                if self._blocked:  # pika's blocked_connection_timeout is the same: be first
+                    raise BrokerError(f"broker {self.where}: connection blocked by the broker "
+                                      f"(resource alarm) for over {self.settings.timeout:g}s")
+                raise BrokerError(f"broker {self.where}: no {what} within "
+                                  f"{self.settings.timeout:g}s")
+            self._waiting = True
+            try:
+                self._io(min(left, 1.0))
+            finally:
+                self._waiting = False
+
+    def _io(self, seconds: float) -> None:
+        """Let pika read and write for up to ``seconds``; then hand out the confirms."""
+        try:
+            self.conn.process_data_events(time_limit=seconds)
+        except Exception as e:
+            raise BrokerError(f"broker {self.where}: {self._reason(e)}") from None
+        while self._sent:
+            head = self._sent[0]
+            if head.tag > self._acked_upto and head.tag not in self._acked:
+                break
+            if head.message_id in self._returned:
+                raise BrokerError(f"broker {self.where}: message returned unroutable by exchange "
+                                  f"{self.settings.exchange!r} (no queue bound for its key)")
+            self._sent.popleft()
+            self._acked.discard(head.tag)
+            head.confirmed()
+        if self._failed is not None:
+            f = self._failed
+            raise BrokerError(f"broker {self.where}: {f if isinstance(f, str) else self._reason(f)}")
 
     def close(self) -> None:
         try:
@@ -133,14 +268,22 @@ class LazyBrokerOutlet:
         self.settings = settings
         self.outlet: BrokerOutlet | None = None
 
-    def send(self, msg: Message) -> None:
+    def send(self, msg: Message, confirmed: Callable[[], None]) -> None:
         if self.outlet is None:
             self.outlet = BrokerOutlet(self.settings)
-        self.outlet.send(msg)
+        self.outlet.send(msg, confirmed)
+
+    def flush(self) -> None:
+        if self.outlet is not None:
+            self.outlet.flush()
 
     def close(self) -> None:
         if self.outlet is not None:
             self.outlet.close()
+
+
+def _nothing() -> None:
+    pass
 
 
 def connection_parameters(settings: config.Broker):
