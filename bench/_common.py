@@ -9,9 +9,13 @@ the benchmark itself, in this process, never count (see ``_WRAPPER``).
 from __future__ import annotations
 
 import os
+import queue
+import socket
 import subprocess
 import sys
 import tempfile
+import threading
+import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -115,3 +119,69 @@ def machine() -> str:
         mem = 0
     return (f"machine: {os.cpu_count()} CPU(s), {model}, {mem / 1024 / 1024:.1f} GiB RAM, "
             f"Python {sys.version.split()[0]}")
+
+
+class DelayProxy:
+    """A TCP relay on loopback that holds every chunk ``delay`` seconds each way: a far broker.
+
+    Round trip = 2 x ``delay``; bandwidth is not limited.  Use as a context manager;
+    ``url(amqp_url)`` points an AMQP URL at it.
+    """
+
+    def __init__(self, target: tuple[str, int], delay: float) -> None:
+        self.target, self.delay = target, delay
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def url(self, amqp_url: str) -> str:
+        return amqp_url.replace(f"{self.target[0]}:{self.target[1]}", f"127.0.0.1:{self.port}")
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                a, _ = self.sock.accept()
+            except OSError:
+                return
+            b = socket.create_connection(self.target)
+            for s in (a, b):  # as pika and RabbitMQ do: no Nagle delay on top of ours
+                s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            for src, dst in ((a, b), (b, a)):
+                self._pipe(src, dst)
+
+    def _pipe(self, src: socket.socket, dst: socket.socket) -> None:
+        q: queue.Queue = queue.Queue()
+
+        def read() -> None:
+            while True:
+                try:
+                    data = src.recv(65536)
+                except OSError:
+                    data = b""
+                q.put((time.monotonic() + self.delay, data))
+                if not data:
+                    return
+
+        def write() -> None:
+            while True:
+                due, data = q.get()
+                time.sleep(max(0.0, due - time.monotonic()))
+                try:
+                    if not data:
+                        dst.shutdown(socket.SHUT_WR)
+                        return
+                    dst.sendall(data)
+                except OSError:
+                    return
+
+        for fn in (read, write):
+            threading.Thread(target=fn, daemon=True).start()
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def __enter__(self) -> DelayProxy:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

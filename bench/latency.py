@@ -16,6 +16,10 @@ Each with ``[archive] parallel`` = 1, 4 and the default (8).  Printed: wall time
 HTTP requests (metadata / data), data requests per series that can hold new
 points (1.00 = no wasted request), TLS handshakes and connections.
 Targets (issue 7): steady state under 3 s; 1 TLS handshake per run at parallel 1.
+
+Last, the steady run with the broker 20 ms away (a loopback relay that holds
+every chunk 10 ms each way), confirms awaited one by one and in the default
+window: a run pays a broker round trip per window, not per message.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import PSPROBE, Exchange, machine, run, write_config
+from _common import PSPROBE, DelayProxy, Exchange, machine, run, write_config
 from esmond_sim import EsmondSim
 from tlsutil import make_pki
 
@@ -40,6 +44,7 @@ EVENT_TYPES = ["packet-loss-rate", "packet-count-sent", "packet-count-lost", "hi
                "packet-loss-rate-bidir"]  # ten that psprobe collects by default
 KINDS = ("latencybg", "trace", "throughput")  # cycled over the tests
 STEP = 300
+BROKER_RTT = 0.020  # a broker at another site
 
 
 def world(sim: EsmondSim, now: int) -> list:
@@ -123,7 +128,42 @@ def main() -> int:
           f"parallel {DEFAULT} / parallel 1 wall: {sd['wall'] / s1['wall']:.2f}")
     print(f"TLS handshakes per run at parallel 1: {s1['tls_handshakes']} "
           f"(target 1: {'met' if s1['tls_handshakes'] == 1 else 'NOT met'})")
+    far_broker()
     return 0
+
+
+def far_broker() -> None:
+    """The steady run again with the broker BROKER_RTT away: confirms one by one, or a window."""
+    print(f"\nthe same steady run, broker {BROKER_RTT * 1000:.0f} ms away (round trip), "
+          f"parallel {DEFAULT}")
+    print(f"{'[broker] confirm_window':<24} {'wall':>7} {'CPU':>6}")
+    window = config.Broker().confirm_window
+    walls = {}
+    with tempfile.TemporaryDirectory(prefix="psprobe-bench-") as d, \
+            DelayProxy(("127.0.0.1", 5672), BROKER_RTT / 2) as far:
+        pki = make_pki(Path(d) / "pki")
+        for w in (1, window):
+            with EsmondSim("127.0.0.1", 0, tls=(str(pki.server_cert),
+                                               str(pki.server_key))) as sim:
+                recs = world(sim, int(time.time()))
+                sim.set_latency(LATENCY)
+                ex = Exchange("latency")
+                try:
+                    conf = write_config(Path(d) / f"far-{w}.conf", {
+                        "collect": {"state_dir": Path(d) / f"far-{w}", "max_concurrent": 0},
+                        "archive": {"schemes": "https", "verify": pki.ca},
+                        "broker": {"url": far.url("amqp://guest:guest@127.0.0.1:5672/%2F"),
+                                   "exchange": ex.name, "confirm_window": w},
+                    })
+                    collect(sim, conf)
+                    advance(sim, recs, False)
+                    r = collect(sim, conf)
+                finally:
+                    ex.close()
+            walls[w] = r["wall"]
+            label = f"{w}{' (default)' if w == window else ' (one by one)'}"
+            print(f"{label:<24} {r['wall']:>6.2f}s {r['cpu']:>5.2f}s")
+    print(f"window {window} / one by one, wall: {walls[window] / walls[1]:.2f}")
 
 
 if __name__ == "__main__":
