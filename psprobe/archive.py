@@ -60,7 +60,7 @@ def default_read_url(host: str, scheme: str) -> str:
 
 
 class Archive:
-    """An HTTP session on one archive, reused (keep-alive, one TLS session) for a run."""
+    """One archive for one run: keep-alive connections sharing one TLS context."""
 
     def __init__(self, host: str, settings: config.Archive, read_url: str | None = None,
                  scheme_first: str | None = None) -> None:
@@ -156,9 +156,9 @@ class Archive:
             raise _Transient(f"{url}: no answer within {s.timeout:g}s") from None
         except fetch.TooLarge:
             raise ArchiveError(f"{where}: answer larger than {s.max_answer_mb:g} MB") from None
+        except fetch.TooSlow:
+            raise _Transient(f"{where}: answer took longer than {4 * s.timeout:g}s") from None
         except fetch.Broken as e:
-            if e.reason == "too slow":
-                raise _Transient(f"{where}: answer took longer than {4 * s.timeout:g}s") from None
             raise _Transient(f"{url}: {_reason(e)}") from None
         if ans.status != 200:
             detail = _detail(ans.body)

