@@ -21,6 +21,7 @@ import threading
 import time
 import zlib
 from dataclasses import dataclass
+from typing import Any
 from urllib.parse import unquote, urlsplit
 
 HEADERS = {"User-Agent": "psprobe", "Accept": "application/json",
@@ -105,6 +106,9 @@ class Pool:
         self._idle: list[http.client.HTTPConnection] = []
         self._lock = threading.Lock()
         self.opened = 0  # connections opened (for tests and benchmarks)
+        # The first connection's TLS session, resumed by the others: one full handshake
+        # (certificate checks, key exchange) per run, however many connections.
+        self.session: ssl.SSLSession | None = None
 
     def close(self) -> None:
         with self._lock:
@@ -121,11 +125,20 @@ class Pool:
         except BaseException:
             conn.close()
             raise
+        if self.https and self.session is None:
+            self._keep_session(conn)
         if r.will_close:
             conn.close()
         else:
             self._give(conn)
         return Answer(r.status, body)
+
+    def _keep_session(self, conn: http.client.HTTPConnection) -> None:
+        """Keep a session worth resuming (TLS 1.3 sends its ticket after the handshake)."""
+        session = getattr(conn.sock, "session", None)
+        if session is not None and (session.has_ticket or session.id):
+            with self._lock:
+                self.session = self.session or session
 
     # --- connections
 
@@ -148,8 +161,8 @@ class Pool:
     def _open(self) -> http.client.HTTPConnection:
         host, port = self._via or (self.host, self.port)
         if self.https:
-            conn: http.client.HTTPConnection = http.client.HTTPSConnection(
-                host, port, timeout=self.timeout, context=self.context)
+            conn: http.client.HTTPConnection = _ResumingHTTPS(
+                host, port, timeout=self.timeout, context=self.context, pool=self)
             if self._via:
                 conn.set_tunnel(self.host, self.port, headers=self._proxy_headers)
         else:
@@ -211,6 +224,24 @@ class Pool:
             raise Broken(repr(http.client.IncompleteRead(b"", r.length)).replace(
                 "0 bytes read", f"{raw} bytes read"))
         return b"".join(parts)
+
+
+class _ResumingHTTPS(http.client.HTTPSConnection):
+    """HTTPSConnection whose handshake offers the pool's TLS session for resumption.
+
+    http.client has no way to pass ``session=``; this is its ``connect`` with it.
+    A server that declines simply does a full handshake.
+    """
+
+    def __init__(self, *args: Any, pool: Pool, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._pool = pool
+
+    def connect(self) -> None:
+        http.client.HTTPConnection.connect(self)  # TCP, and the proxy's CONNECT tunnel
+        host = self._tunnel_host or self.host
+        self.sock = self._context.wrap_socket(self.sock, server_hostname=host,
+                                              session=self._pool.session)
 
 
 def proxy_for(url: str) -> str:

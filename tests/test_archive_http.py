@@ -1,5 +1,6 @@
 """The archive's HTTP, against the simulator: proxies and CA bundle from the environment,
-connections bounded by ``parallel`` and kept alive, a client key that does not fit its certificate."""
+connections bounded by ``parallel``, kept alive and resuming one TLS session, gzip, and a
+client key that does not fit its certificate."""
 
 from __future__ import annotations
 
@@ -73,7 +74,8 @@ def test_verify_yes_takes_the_ca_bundle_of_the_environment(monkeypatch, bus, tmp
         assert len(arrived(bus.drain())) == 72
 
 
-def test_parallel_connections_are_bounded_and_kept_alive(no_proxy_env, bus, tmp_path, pki):
+def test_parallel_connections_are_bounded_kept_alive_and_resume_one_tls_session(
+        no_proxy_env, bus, tmp_path, pki):
     with EsmondSim(tls=(str(pki.server_cert), str(pki.server_key))) as sim:
         h = sim.host("localhost")
         for _ in range(12):
@@ -86,6 +88,8 @@ def test_parallel_connections_are_bounded_and_kept_alive(no_proxy_env, bus, tmp_
         assert len(arrived(bus.drain())) == 12 * 72
         assert len(h.requests()) == 1 + 12
         assert sim.stats["tls_handshakes"] == sim.stats["connections"] <= 3
+        # one full handshake (the metadata walk's); the fetch connections resume its session
+        assert sim.stats["tls_resumed"] == sim.stats["tls_handshakes"] - 1
 
 
 def test_a_client_key_that_does_not_fit_is_a_config_error(no_proxy_env, bus, tmp_path, pki, caplog):
