@@ -1,12 +1,12 @@
 """Per-host checkpoints and the per-host run lock.
 
 A checkpoint maps each series (``<metadata-key>/<event-type>``) to the newest
-timestamp the broker has *confirmed*.  It only ever moves forward, and every
-confirmed message is made durable before the next is sent, so a run killed at
-any instant resends at most the one message that was in flight.
+timestamp the broker has *confirmed*.  It only ever moves forward, and only
+after the confirm, so a run killed at any instant resends at most the window of
+messages it had published and not yet seen confirmed ([broker] confirm_window).
 
-Per message that is one line appended to ``checkpoint.journal`` and an
-fdatasync (a third of the cost of rewriting the file each time); at the end of
+Per confirmed message that is one line appended to ``checkpoint.journal``; the
+lines of each batch of confirms are flushed with one fdatasync.  At the end of
 a run the journal is folded into ``checkpoint.json``, written atomically (temp
 file, fsync, rename), and emptied.  Loading replays the journal over the
 snapshot; a line torn by a crash is ignored, and replaying twice is harmless
@@ -48,12 +48,18 @@ class Checkpoint:
     scheme: str | None = None  # the archive scheme that worked last
     _dirfd: int | None = field(default=None, repr=False, compare=False)
     _journal: int | None = field(default=None, repr=False, compare=False)
+    _unsynced: bool = field(default=False, repr=False, compare=False)
 
     def get(self, pair: str) -> int | None:
         return self.pairs.get(pair)
 
     def advance(self, pair: str, ts: int) -> None:
-        """Record a confirmed timestamp durably; never moves backwards."""
+        """Record a confirmed timestamp (durable at the next :meth:`sync`); never moves backwards.
+
+        A process that dies loses no written line (the page cache keeps it); only a
+        machine that loses power can lose the lines since the last sync, and those
+        messages are sent again.
+        """
         if ts > self.pairs.get(pair, -1):
             self.pairs[pair] = ts
             line = f"{pair} {ts}\n".encode()
@@ -63,10 +69,20 @@ class Checkpoint:
                                             | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
                     self._sync_dir()  # the journal's name must survive a crash too
                 os.write(self._journal, line)
+            except OSError as e:
+                raise StateError(f"{self.path.with_name(JOURNAL)}: cannot write checkpoint: "
+                                 f"{e.strerror}") from None
+            self._unsynced = True
+
+    def sync(self) -> None:
+        """One fdatasync for the lines since the last: a flush per batch of confirms."""
+        if self._unsynced and self._journal is not None:
+            try:
                 os.fdatasync(self._journal)
             except OSError as e:
                 raise StateError(f"{self.path.with_name(JOURNAL)}: cannot write checkpoint: "
                                  f"{e.strerror}") from None
+            self._unsynced = False
 
     def _sync_dir(self) -> None:
         if self._dirfd is None:

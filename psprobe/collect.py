@@ -203,7 +203,11 @@ def _consume(q: queue.Queue, pending: int, outlet: Outlet, cp: Checkpoint | None
         else:
             msg: Message = item
             outlet.send(msg, functools.partial(_confirmed, pair, msg, cp, res, progress))
+            if cp is not None:  # what that send saw confirmed, on disk in one flush
+                cp.sync()
     outlet.flush()
+    if cp is not None:
+        cp.sync()
     if res.failed:
         res.status = ARCHIVE_FAILED
         res.error = f"{res.failed} of {res.fetched} series could not be read; first: {first_error}"
