@@ -8,6 +8,7 @@ the benchmark itself, in this process, never count (see ``_WRAPPER``).
 
 from __future__ import annotations
 
+import compileall
 import os
 import queue
 import socket
@@ -23,6 +24,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
+
+# Measure psprobe as the RPM installs it, byte-compiled: with $PYTHONDONTWRITEBYTECODE set
+# (some build and CI environments set it) every child would compile psprobe's modules anew.
+compileall.compile_dir(ROOT / "psprobe", quiet=1)
 
 AMQP_URL = os.environ.get("PSPROBE_TEST_AMQP", "amqp://guest:guest@127.0.0.1:5672/%2F")
 PSPROBE = [sys.executable, str(ROOT / "bin" / "psprobe")]
