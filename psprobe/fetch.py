@@ -105,7 +105,6 @@ class Pool:
                     "Proxy-Authorization": "Basic " + base64.b64encode(cred).decode()}
         self._idle: list[http.client.HTTPConnection] = []
         self._lock = threading.Lock()
-        self.opened = 0  # connections opened (for tests and benchmarks)
         # The first connection's TLS session, resumed by the others: one full handshake
         # (certificate checks, key exchange) per run, however many connections.
         self.session: ssl.SSLSession | None = None
@@ -175,8 +174,6 @@ class Pool:
         except OSError as e:  # refused, unreachable, DNS, connect timeout, proxy said no
             conn.close()
             raise ConnectFailed(_words(e)) from None
-        with self._lock:
-            self.opened += 1
         return conn
 
     # --- one exchange

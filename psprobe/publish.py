@@ -235,10 +235,6 @@ class BrokerOutlet:
             if e.reply_code == 403:
                 return f"access refused to exchange {x!r}: {e.reply_text}"
             return f"channel closed: {e.reply_code} {e.reply_text}"
-        if isinstance(e, ex.UnroutableError):
-            return f"message returned unroutable by exchange {x!r} (no queue bound for its key)"
-        if isinstance(e, ex.NackError):
-            return "the broker refused (nack) a message"
         if isinstance(e, ex.ProbableAuthenticationError):
             return "authentication failed (user/password or certificate)"
         if isinstance(e, ex.ProbableAccessDeniedError):
