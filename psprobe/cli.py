@@ -223,7 +223,7 @@ def pause(ctx: click.Context, force: bool) -> None:
     """Stop psprobe-sync.timer and every host timer until `psprobe resume`.
 
     A timer that comes back (at boot) finds the pause and its run does nothing.
-    A collect stopped by -f resends at most one message when it runs again.
+    A collect stopped by -f resends at most [broker] confirm_window messages when it runs again.
     """
     from psprobe import control
 

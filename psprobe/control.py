@@ -1,7 +1,7 @@
 """Operator controls: pause/resume every timer, and the journal of one host.
 
 ``pause`` stops psprobe-sync.timer and every host timer (``force``: running
-collects too; a killed collect resends at most one message) and leaves a
+collects too; a killed collect resends at most its confirm window) and leaves a
 marker, ``paused.json`` in the state directory.  Timers come back at the
 next boot (timers.target wants them), so a collect or sync started by systemd
 while the marker is there does nothing and says so.  ``resume`` removes the
