@@ -35,21 +35,13 @@ from pathlib import Path
 
 import latency
 from _common import PSPROBE, Child, Exchange, machine, run, write_config
-from esmond_sim import EsmondSim
+from esmond_sim import ESMOND_PREFIX, EsmondSim
 from tlsutil import make_pki
 
 from psprobe import config
 
 CYCLE = 600  # the host timer's period (psprobe@.timer OnUnitInactiveSec)
 TARGET = 2000
-
-
-def add_host(sim: EsmondSim, name: str, now: int) -> list:
-    h = sim.host(name, f"/{name}/esmond/perfsonar/archive/")
-    end = now - now % latency.STEP - 2 * latency.STEP  # room for the cycle's 2 points
-    return [h.add_test(latency.KINDS[i % 3], event_types=latency.EVENT_TYPES,
-                       start=end - 3600 + latency.STEP, end=end, step=latency.STEP)
-            for i in range(latency.TESTS)]
 
 
 def cycle(names: list[str], conf: Path) -> tuple[float, list[Child]]:
@@ -104,7 +96,8 @@ def main() -> int:
         now = int(time.time())
         with EsmondSim("127.0.0.1", 0, tls=(str(pki.server_cert), str(pki.server_key))) as sim:
             names = [f"ps{i:04d}.fleet.example.org" for i in range(args.hosts)]
-            recs = {n: add_host(sim, n, now) for n in names}
+            recs = {n: latency.world(sim, now, n, f"/{n}{ESMOND_PREFIX}", history=3600, room=2)
+                    for n in names}
             ex = Exchange("fleet")
             try:
                 state = d / "state"
@@ -122,15 +115,7 @@ def main() -> int:
                 })
                 first, _ = cycle(names, conf)
                 print(f"first runs (1 h of history, no latency): {first:.1f}s, untimed\n")
-                busy = 0
-                for n in names:
-                    for i, rec in enumerate(recs[n]):
-                        kind = latency.KINDS[i % 3]
-                        if kind == "throughput" or (kind == "trace" and i % 2):
-                            continue
-                        for et in latency.EVENT_TYPES:
-                            sim.hosts[n].add_points(rec.key, et, count=2, step=latency.STEP)
-                            busy += 1
+                busy = sum(latency.advance(sim, recs[n], False, n, count=2) for n in names)
                 sim.set_latency(args.latency)
                 broker0, sim0 = _broker_cpu(), resource.getrusage(resource.RUSAGE_SELF)
                 requests0 = sim.stats["requests"]

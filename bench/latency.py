@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 
 from _common import PSPROBE, DelayProxy, Exchange, machine, run, write_config
-from esmond_sim import EsmondSim
+from esmond_sim import ESMOND_PREFIX, EsmondSim
 from tlsutil import make_pki
 
 from psprobe import config
@@ -47,23 +47,27 @@ STEP = 300
 BROKER_RTT = 0.020  # a broker at another site
 
 
-def world(sim: EsmondSim, now: int) -> list:
-    h = sim.host("127.0.0.1")
-    end = now - now % STEP - STEP  # the 5-minute point is added later
-    return [h.add_test(KINDS[i % 3], event_types=EVENT_TYPES, start=end - 12 * 3600 + STEP,
+def world(sim: EsmondSim, now: int, name: str = "127.0.0.1", prefix: str = ESMOND_PREFIX,
+          history: int = 12 * 3600, room: int = 1) -> list:
+    """The far host ``name``: TESTS tests with ``history`` seconds of points, ending ``room``
+    steps before now (what :func:`advance` adds later)."""
+    h = sim.host(name, prefix)
+    end = now - now % STEP - room * STEP
+    return [h.add_test(KINDS[i % 3], event_types=EVENT_TYPES, start=end - history + STEP,
                        end=end, step=STEP) for i in range(TESTS)]
 
 
-def advance(sim: EsmondSim, recs: list, everything: bool) -> int:
-    """Five minutes of new data; returns how many series got some."""
-    h = sim.hosts["127.0.0.1"]
+def advance(sim: EsmondSim, recs: list, everything: bool, name: str = "127.0.0.1",
+            count: int = 1) -> int:
+    """``count`` steps (5 minutes each) of new data; returns how many series got some."""
+    h = sim.hosts[name]
     n = 0
     for i, rec in enumerate(recs):
         kind = KINDS[i % 3]
         if not everything and (kind == "throughput" or (kind == "trace" and i % 2)):
             continue
         for et in EVENT_TYPES:
-            h.add_points(rec.key, et, count=1, step=STEP)
+            h.add_points(rec.key, et, count=count, step=STEP)
             n += 1
     return n
 

@@ -77,7 +77,6 @@ class Archive:
         self.scheme: str | None = None  # set once an answer came back
         self.base = ""  # read URL in use
         self.requests = 0
-        self._verify = _verify(settings.verify)
         self._ssl: ssl.SSLContext | None = None
         self._pools: dict[str, fetch.Pool] = {}  # by origin
 
@@ -111,7 +110,7 @@ class Archive:
         if self._ssl is None:
             s = self.settings
             try:
-                self._ssl = fetch.tls_context(self._verify, s.cert, s.key)
+                self._ssl = fetch.tls_context(_verify(s.verify), s.cert, s.key)
             except (ssl.SSLError, OSError) as e:
                 what = "cert/key" if s.cert else "verify"
                 raise config.ConfigError(
