@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import errno
 import os
 import shlex
 import shutil
@@ -218,10 +219,16 @@ class Container:
         with contextlib.suppress(FileNotFoundError):
             for unit in os.listdir(base):
                 procs = base / unit / "cgroup.procs"
-                with contextlib.suppress(FileNotFoundError, NotADirectoryError):
+                try:
                     pids = [int(p) for p in procs.read_text().split()]
-                    if pids:
-                        out[unit] = pids
+                except OSError as e:
+                    # a unit that ended while we looked: gone (ENOENT), or its cgroup
+                    # being removed under the read (ENODEV)
+                    if e.errno in (errno.ENOENT, errno.ENOTDIR, errno.ENODEV):
+                        continue
+                    raise
+                if pids:
+                    out[unit] = pids
         return out
 
     def path(self, inside: str) -> Path:
