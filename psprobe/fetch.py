@@ -7,12 +7,20 @@ beyond what Python has.  What urllib3 added and a collector needs is
 here: a pool of at most ``size`` connections per origin, one TLS context per
 run, proxies from the environment, dead keep-alive connections replaced, gzip,
 and failures sorted by what the caller can do about them.
+
+A socket timeout restarts at every byte, so a server that answers at one byte
+per second would hold a GET for hours.  Each GET therefore has a deadline for
+the whole exchange (connect, proxy tunnel, TLS handshake, request, status
+line, headers, body): one watchdog thread per process shuts the socket down
+when it passes, the blocked read returns, and the GET raises :class:`TooSlow`.
 """
 
 from __future__ import annotations
 
 import base64
+import heapq
 import http.client
+import itertools
 import os
 import select
 import socket
@@ -66,6 +74,108 @@ class Answer:
     body: bytes
 
 
+class _Watch:
+    """One GET's deadline, and a duplicate of its socket's descriptor while it is armed."""
+
+    __slots__ = ("deadline", "done", "fd", "fired")
+
+    def __init__(self, deadline: float) -> None:
+        self.deadline = deadline
+        self.fd = -1  # our own dup: nobody else can close it, so its number is never reused
+        self.fired = False  # the watchdog shut the socket down: the GET was too slow
+        self.done = False  # disarmed
+
+
+class _Watchdog:
+    """Shuts down the socket of every armed GET whose deadline passed.
+
+    One thread per process, started at the first GET and asleep until the
+    earliest deadline.  Arming is a dup and a heap push, and wakes the thread
+    only when the new deadline is earlier than the one it sleeps until, which a
+    run's GETs (each ``now + 4 * timeout``) almost never are: a run of hundreds
+    of GETs wakes it about once per deadline period.  Disarmed entries stay in
+    the heap until the thread next wakes and drops them.
+
+    The armed descriptor is a duplicate, closed only by :meth:`disarm` under the
+    lock the thread shuts sockets down under: whatever http.client closes, and
+    whoever opens a socket next, the thread never touches a descriptor that is
+    not the GET's own.
+    """
+
+    def __init__(self) -> None:
+        self._cv = threading.Condition(threading.Lock())
+        self._heap: list[tuple[float, int, _Watch]] = []
+        self._seq = itertools.count()
+        self._wake_at = float("inf")  # when the thread wakes next (inf: when told)
+        self._thread: threading.Thread | None = None
+
+    def arm(self, w: _Watch, sock: socket.socket) -> None:
+        fd = os.dup(sock.fileno())
+        with self._cv:
+            if w.fd >= 0:  # armed again (a new connection for the same GET)
+                os.close(w.fd)
+            w.fd, w.done = fd, False
+            heapq.heappush(self._heap, (w.deadline, next(self._seq), w))
+            if w.deadline < self._wake_at:
+                self._wake_at = w.deadline
+                if self._thread is None:
+                    self._thread = threading.Thread(target=self._run, name="fetch-watchdog",
+                                                    daemon=True)
+                    self._thread.start()
+                else:
+                    self._cv.notify()
+
+    def disarm(self, w: _Watch) -> bool:
+        """Stop watching (idempotent); True if the deadline passed and the socket was shut."""
+        with self._cv:
+            if w.fd >= 0:
+                os.close(w.fd)
+                w.fd = -1
+            w.done = True
+            return w.fired
+
+    def _run(self) -> None:
+        heap = self._heap
+        with self._cv:
+            while True:
+                now = time.monotonic()
+                if heap and heap[0][0] <= now:
+                    # Due: shut what is still armed, and drop every disarmed entry from
+                    # the top, so the next sleep lasts until a GET in flight is due.
+                    while heap and (heap[0][2].done or heap[0][0] <= now):
+                        w = heapq.heappop(heap)[2]
+                        if not w.done and w.fd >= 0 and not w.fired:
+                            w.fired = True
+                            _shutdown(w.fd)
+                # Woken early (an earlier deadline was armed), or sleeping on: until the
+                # top's deadline, even if that entry is disarmed, so that arms with later
+                # deadlines, in the meantime, need not wake the thread.
+                self._wake_at = heap[0][0] if heap else float("inf")
+                self._cv.wait(self._wake_at - now if heap else None)
+
+    def _after_fork(self) -> None:
+        """The child has no watchdog thread (and no GET in flight): start afresh."""
+        self.__init__()
+
+
+def _shutdown(fd: int) -> None:
+    """``shutdown(SHUT_RDWR)`` on a descriptor: a read blocked on its socket returns at once."""
+    try:
+        s = socket.socket(fileno=fd)
+    except OSError:
+        return
+    try:
+        s.shutdown(socket.SHUT_RDWR)
+    except OSError:  # not connected any more
+        pass
+    finally:
+        s.detach()
+
+
+_WATCHDOG = _Watchdog()
+os.register_at_fork(after_in_child=_WATCHDOG._after_fork)
+
+
 def tls_context(verify: bool | str, cert: str = "", key: str = "") -> ssl.SSLContext:
     """One context for a run's connections: ``verify`` True (system CAs), False, or a CA
     file or directory.  Raises OSError / ssl.SSLError for unusable files."""
@@ -116,14 +226,27 @@ class Pool:
             c.close()
 
     def get(self, target: str, limit: int, deadline: float) -> Answer:
-        """GET ``target`` (path and query); the body is at most ``limit`` bytes, decoded."""
-        conn = self._take()
+        """GET ``target`` (path and query); the body is at most ``limit`` bytes, decoded.
+
+        The whole exchange, from connecting to the last byte, ends by ``deadline``
+        (a :func:`time.monotonic` value), or the GET raises :class:`TooSlow`.
+        """
+        w = _Watch(deadline)
+        conn = None
         try:
+            conn = self._take(w)
             r = self._send(conn, target)
             body = self._read(r, limit, deadline)
-        except BaseException:
-            conn.close()
+        except BaseException as e:
+            fired = _WATCHDOG.disarm(w)  # before the close: the descriptor is still ours
+            if conn is not None:
+                conn.close()
+            if fired and isinstance(e, Exception):
+                raise TooSlow("too slow") from None
             raise
+        if _WATCHDOG.disarm(w):  # shut down at the deadline: the body may be cut short
+            conn.close()
+            raise TooSlow("too slow")
         if self.https and self.session is None:
             self._keep_session(conn)
         if r.will_close:
@@ -141,14 +264,25 @@ class Pool:
 
     # --- connections
 
-    def _take(self) -> http.client.HTTPConnection:
+    def _take(self, w: _Watch) -> http.client.HTTPConnection:
+        """An idle connection or a new one, its socket watched by ``w`` from here on."""
         with self._lock:
             while self._idle:
                 conn = self._idle.pop()
                 if not _dropped(conn):
-                    return conn
+                    break
                 conn.close()
-        return self._open()
+            else:
+                conn = None
+        if conn is None:
+            return self._open(w)
+        conn._watch = w  # type: ignore[attr-defined]  # should http.client reconnect
+        try:
+            _WATCHDOG.arm(w, conn.sock)  # type: ignore[arg-type]
+        except OSError as e:  # no descriptor left for the dup
+            conn.close()
+            raise ConnectFailed(_words(e)) from None
+        return conn
 
     def _give(self, conn: http.client.HTTPConnection) -> None:
         with self._lock:
@@ -157,23 +291,30 @@ class Pool:
                 return
         conn.close()
 
-    def _open(self) -> http.client.HTTPConnection:
+    def _open(self, w: _Watch) -> http.client.HTTPConnection:
+        """A new connection, watched by ``w`` from the end of the TCP connect on."""
         host, port = self._via or (self.host, self.port)
         if self.https:
             conn: http.client.HTTPConnection = _ResumingHTTPS(
-                host, port, timeout=self.timeout, context=self.context, pool=self)
+                host, port, timeout=self.timeout, context=self.context, pool=self, watch=w)
             if self._via:
                 conn.set_tunnel(self.host, self.port, headers=self._proxy_headers)
         else:
-            conn = http.client.HTTPConnection(host, port, timeout=self.timeout)
+            conn = _Watched(host, port, timeout=self.timeout, watch=w)
         try:
             conn.connect()
-        except (ssl.SSLError, ssl.CertificateError) as e:
+        except BaseException as e:
+            fired = _WATCHDOG.disarm(w)
             conn.close()
-            raise TLSFailed(_words(e)) from None
-        except OSError as e:  # refused, unreachable, DNS, connect timeout, proxy said no
-            conn.close()
-            raise ConnectFailed(_words(e)) from None
+            if not isinstance(e, Exception):
+                raise
+            if fired or isinstance(e, TooSlow):
+                raise TooSlow("too slow") from None
+            if isinstance(e, (ssl.SSLError, ssl.CertificateError)):
+                raise TLSFailed(_words(e)) from None
+            if isinstance(e, OSError):  # refused, unreachable, DNS, connect timeout, proxy said no
+                raise ConnectFailed(_words(e)) from None
+            raise
         return conn
 
     # --- one exchange
@@ -223,7 +364,43 @@ class Pool:
         return b"".join(parts)
 
 
-class _ResumingHTTPS(http.client.HTTPSConnection):
+class _Watched(http.client.HTTPConnection):
+    """HTTPConnection whose new socket is armed on the watchdog before anything is sent.
+
+    The TCP connect itself waits at most what is left before the deadline; the
+    proxy's CONNECT and the TLS handshake that follow are under the watchdog.
+    """
+
+    def __init__(self, *args: Any, watch: _Watch, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._watch = watch
+        self._create_connection = self._connect_watched
+
+    def _connect_watched(self, address: tuple[str, int], timeout: Any,
+                         source_address: Any = None) -> socket.socket:
+        w = self._watch
+        left = w.deadline - time.monotonic()
+        if left <= 0:
+            raise TooSlow("too slow")
+        capped = isinstance(timeout, (int, float)) and left < timeout
+        try:
+            sock = socket.create_connection(address, left if capped else timeout,
+                                            source_address)
+        except socket.timeout:
+            if capped:
+                raise TooSlow("too slow") from None
+            raise
+        if capped:
+            sock.settimeout(timeout)  # back to the per-read timeout
+        try:
+            _WATCHDOG.arm(w, sock)
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+
+
+class _ResumingHTTPS(_Watched, http.client.HTTPSConnection):
     """HTTPSConnection whose handshake offers the pool's TLS session for resumption.
 
     http.client has no way to pass ``session=``; this is its ``connect`` with it.

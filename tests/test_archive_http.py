@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import logging
+import os
 import socket
 import threading
 import time
@@ -14,9 +15,11 @@ import time
 import pytest
 import tlsutil
 from esmond_sim import EsmondSim
+from faultproxy import FaultProxy
 from test_collect import arrived, make_cfg
 
-from psprobe import runner
+from psprobe import fetch, runner
+from psprobe.archive import Archive, ArchiveError
 from psprobe.collect import ARCHIVE_FAILED, CONFIG_ERROR, OK
 
 PROXY_VARS = ("http_proxy", "https_proxy", "all_proxy", "no_proxy")
@@ -187,3 +190,237 @@ def test_https_goes_through_a_connect_proxy_with_its_credentials(no_proxy_env, b
             assert sim.stats["tls_handshakes"] == 1
     finally:
         proxy.close()
+
+
+# --- whole-answer deadline: every phase of a GET, however slowly its bytes come
+
+HEAD = (b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+        b"Content-Length: 200\r\n\r\n")
+BODY = b"[" + b" " * 198 + b"]"
+
+
+class Trickler:
+    """An HTTP server on loopback sending ``answer``: ``prompt`` bytes at once, then one
+    byte per ``every`` seconds (the fault itself), until the client hangs up."""
+
+    def __init__(self, answer: bytes, prompt: int, every: float = 0.1) -> None:
+        self.answer, self.prompt, self.every = answer, prompt, every
+        self.stop = threading.Event()
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                c, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._answer, args=(c,), daemon=True).start()
+
+    def _answer(self, c: socket.socket) -> None:
+        with c, contextlib.suppress(OSError):
+            head = b""
+            while b"\r\n\r\n" not in head:
+                chunk = c.recv(4096)
+                if not chunk:
+                    return
+                head += chunk
+            c.sendall(self.answer[:self.prompt])
+            for i in range(self.prompt, len(self.answer)):
+                if self.stop.wait(self.every):
+                    return
+                c.sendall(self.answer[i:i + 1])
+
+    def close(self) -> None:
+        self.stop.set()
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)
+        self.sock.close()
+
+
+PHASES = [
+    ("status line", HEAD + BODY, 0),
+    ("headers", HEAD + BODY, len(b"HTTP/1.1 200 OK\r\n")),
+    ("body", HEAD + BODY, len(HEAD)),
+    # read to EOF: cut short by the watchdog it would look whole, but is not taken
+    ("body without length", b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n" + BODY,
+     len(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n")),
+]
+
+
+@pytest.mark.parametrize(("phase", "answer", "prompt"), PHASES, ids=[p[0] for p in PHASES])
+def test_a_trickled_get_ends_at_its_deadline_in_every_phase(phase, answer, prompt):
+    """A byte every 0.1 s never trips the 5 s socket timeout: only the deadline ends it
+    (the whole answer would take 4 to 24 s)."""
+    srv = Trickler(answer, prompt)
+    pool = fetch.Pool(f"http://127.0.0.1:{srv.port}", 2, 5.0)
+    try:
+        t = time.monotonic()
+        with pytest.raises(fetch.TooSlow):
+            pool.get("/", 1 << 20, time.monotonic() + 0.5)
+        assert time.monotonic() - t < 2.5
+    finally:
+        pool.close()
+        srv.close()
+
+
+def test_a_trickled_tls_handshake_ends_at_the_deadline(no_proxy_env, pki):
+    with EsmondSim(tls=(str(pki.server_cert), str(pki.server_key))) as sim, \
+            FaultProxy(("127.0.0.1", sim.port), direction="down") as slow:
+        sim.host("localhost").add_test("throughput", event_types=["throughput"], step=600)
+        ctx = fetch.tls_context(str(pki.ca))
+        pool = fetch.Pool(f"https://localhost:{slow.port}", 2, 5.0, ctx)
+        assert pool.get("/esmond/perfsonar/archive/", 1 << 20,
+                        time.monotonic() + 5).status == 200  # the way works at full speed
+        pool.close()
+        slow.trickle(50)  # the server's certificate flight alone takes over 20 s
+        t = time.monotonic()
+        with pytest.raises(fetch.TooSlow):
+            pool.get("/esmond/perfsonar/archive/", 1 << 20, time.monotonic() + 0.5)
+        assert time.monotonic() - t < 2.5
+        assert sim.stats["tls_handshakes"] == 1
+
+
+def test_a_trickled_proxy_tunnel_ends_at_the_deadline(no_proxy_env, pki):
+    proxy = ConnectProxy()
+    try:
+        with EsmondSim(tls=(str(pki.server_cert), str(pki.server_key))) as sim, \
+                FaultProxy(("127.0.0.1", proxy.port), direction="down") as slow:
+            slow.trickle(5)  # "HTTP/1.1 200 Connection established" takes 8 s
+            pool = fetch.Pool(f"https://localhost:{sim.port}", 2, 5.0,
+                              fetch.tls_context(str(pki.ca)), f"http://127.0.0.1:{slow.port}")
+            t = time.monotonic()
+            with pytest.raises(fetch.TooSlow):
+                pool.get("/esmond/perfsonar/archive/", 1 << 20, time.monotonic() + 0.5)
+            assert time.monotonic() - t < 2.5
+            assert [target for target, _ in proxy.tunnels] == [f"localhost:{sim.port}"]
+            assert sim.stats["tls_handshakes"] == 0
+    finally:
+        proxy.close()
+
+
+def test_a_deadline_already_past_makes_no_connection():
+    srv = Trickler(HEAD + BODY, len(HEAD + BODY))
+    try:
+        with pytest.raises(fetch.TooSlow):
+            fetch.Pool(f"http://127.0.0.1:{srv.port}", 2, 5.0).get("/", 1 << 20,
+                                                                   time.monotonic() - 1)
+    finally:
+        srv.close()
+
+
+def test_the_watchdog_wakes_only_for_an_earlier_deadline_and_shuts_only_its_own_socket():
+    dog = fetch._Watchdog()
+    notified = []
+    real_notify = dog._cv.notify
+    dog._cv.notify = lambda *a: (notified.append(1), real_notify(*a))[1]
+    pairs = [socket.socketpair() for _ in range(3)]
+    (a, a_peer), (b, _), (c, c_peer) = pairs
+    try:
+        far = time.monotonic() + 60
+        for i in range(300):  # a run's GETs: each deadline later than the one before
+            w = fetch._Watch(far + i)
+            dog.arm(w, c)
+            assert dog.disarm(w) is False
+        assert notified == []  # the first arm started the thread; none woke it since
+        gone = fetch._Watch(time.monotonic() + 0.05)
+        dog.arm(gone, a)
+        dog.disarm(gone)  # done before its deadline: its socket is never touched
+        due = fetch._Watch(time.monotonic() + 0.1)
+        dog.arm(due, b)
+        assert len(notified) == 1  # earlier than what the thread slept until
+        t = time.monotonic()
+        assert b.recv(1) == b""  # blocked, until shut down at the deadline
+        assert time.monotonic() - t < 2
+        assert dog.disarm(due) is True
+        a.setblocking(False)
+        with pytest.raises(BlockingIOError):  # open, nothing to read: not shut down
+            a.recv(1)
+        a.setblocking(True)
+        a_peer.sendall(b"x")
+        assert a.recv(1) == b"x"
+        c_peer.sendall(b"y")
+        assert c.recv(1) == b"y"
+        assert sum(t.name == "fetch-watchdog" for t in threading.enumerate()) <= 2
+    finally:
+        for s in (x for p in pairs for x in p):
+            s.close()
+
+
+def test_one_watchdog_thread_for_every_get_and_no_descriptor_left(no_proxy_env):
+    with EsmondSim() as sim:
+        sim.host("localhost").add_test("throughput", event_types=["throughput"], step=600)
+        pools = [fetch.Pool(f"http://localhost:{sim.port}", 2, 5.0) for _ in range(3)]
+        before = {t for t in threading.enumerate() if t.name == "fetch-watchdog"}
+        fds = []
+        for _ in range(30):
+            for p in pools:
+                assert p.get("/esmond/perfsonar/archive/", 1 << 20,
+                             time.monotonic() + 5).status == 200
+            fds.append(len(os.listdir("/proc/self/fd")))
+        assert fds == fds[:1] * 30  # each pool's one kept-alive connection; no dup left
+        after = {t for t in threading.enumerate() if t.name == "fetch-watchdog"}
+        assert after == before | {fetch._WATCHDOG._thread}  # the process's one, for all
+        for p in pools:
+            p.close()
+
+
+def _archive(tmp_path, sim_or_url, **archive) -> Archive:
+    cfg = make_cfg(tmp_path, None, archive={"retries": 0, "timeout": "5s", **archive})
+    url = sim_or_url if isinstance(sim_or_url, str) else sim_or_url.url("localhost")
+    return Archive("localhost", cfg.archive, url)
+
+
+def test_no_request_or_retry_goes_past_the_run_deadline(no_proxy_env, tmp_path):
+    with EsmondSim() as sim:
+        h = sim.host("localhost")
+        h.add_test("throughput", event_types=["throughput"], step=600)
+        arch = _archive(tmp_path, sim, retries=3)
+        arch.deadline = time.monotonic() - 1
+        with pytest.raises(ArchiveError, match=r"archive/: run deadline reached$"):
+            arch.get_json(arch._url_for("http"), {})
+        assert h.requests() == []
+        # HTTP 503: the pause before a second try (0.5 s) would pass the run's deadline
+        h.fault("status", status=503)
+        arch.deadline = time.monotonic() + 0.3
+        t = time.monotonic()
+        with pytest.raises(ArchiveError) as e:
+            arch.get_json(arch._url_for("http"), {})
+        assert time.monotonic() - t < 0.3
+        assert str(e.value).endswith("HTTP 503 (run deadline reached: not retried)")
+        assert len(h.requests()) == 1
+        arch.close()
+
+
+def test_a_request_is_cut_at_the_run_deadline_when_that_comes_first(no_proxy_env, tmp_path):
+    srv = Trickler(HEAD + BODY, 0)
+    try:
+        arch = _archive(tmp_path, f"http://127.0.0.1:{srv.port}/esmond/perfsonar/archive/",
+                        retries=2)  # its own deadline: 4 x 5 s
+        arch.deadline = time.monotonic() + 0.5
+        t = time.monotonic()
+        with pytest.raises(ArchiveError, match=r"run deadline reached before the answer$"):
+            arch.get_json(arch._url_for("http"), {"limit": 1})
+        assert time.monotonic() - t < 2.5
+        assert arch.requests == 1
+        arch.close()
+    finally:
+        srv.close()
+
+
+def test_a_trickled_answer_is_one_line_naming_the_url_and_four_times_the_timeout(
+        no_proxy_env, tmp_path):
+    srv = Trickler(HEAD + BODY, len(HEAD), every=0.05)  # 10 s of body; 4 x 1 s allowed
+    try:
+        arch = _archive(tmp_path, f"http://127.0.0.1:{srv.port}/esmond/perfsonar/archive/",
+                        timeout="1s")
+        t = time.monotonic()
+        with pytest.raises(ArchiveError) as e:
+            arch.get_json(arch._url_for("http"), {"limit": 1})
+        assert 4 <= time.monotonic() - t < 4 * 2
+        assert str(e.value) == (f"http://127.0.0.1:{srv.port}/esmond/perfsonar/archive/"
+                                "?limit=1: answer took longer than 4s")
+        arch.close()
+    finally:
+        srv.close()

@@ -30,13 +30,6 @@ def _baseline(lab) -> None:
         assert lab.tally(h).lost == 0
 
 
-def _other_host_unaffected(lab) -> None:
-    lab.more(B, 120)
-    r = lab.run(B)
-    assert r.status == 0, r.lines
-    assert lab.tally(B).lost == 0
-
-
 # kind, fault arguments, where ("meta" or "page2"), exit status, words in the reason
 CASES = [
     ("HTTP 500, no body", "status", {"status": 500}, "page2", 1, "HTTP 500"),
@@ -86,7 +79,7 @@ def test_archive_fault(lab, figures, name, kind, kw, where, status, words):
         line = "handled: " + next((x.split(": ", 1)[1] for x in r.lines
                                    if x.startswith("WARNING")), "nothing to report")
         assert lab.tally(A).lost == 0
-    _other_host_unaffected(lab)
+    lab.unaffected(B)
     lab.sim.clear_faults()
     runs, t = lab.catch_up(A)
     figures.fault("archive", name, r.status, line, t, runs if status else 0)
@@ -111,7 +104,7 @@ def test_connection_refused(lab, figures):
     assert r.status == 1
     line = r.failed_line(A)
     assert "cannot connect" in line and "Connection refused" in line
-    _other_host_unaffected(lab)
+    lab.unaffected(B)
     back = EsmondSim(port=port)  # the archive comes back on its port
     back.hosts, back.by_prefix = lab.sim.hosts, lab.sim.by_prefix
     with back:
@@ -129,7 +122,7 @@ def test_dns_failure(lab, figures, monkeypatch):
     assert r.status == 1
     line = r.failed_line(name)
     assert "cannot connect" in line and name in line
-    _other_host_unaffected(lab)
+    lab.unaffected(B)
     real = socket.getaddrinfo
 
     def resolver(host, *a, **k):  # the name resolves again
@@ -190,7 +183,7 @@ def test_tls_failure(lab, figures, pki, tls_sim, name, case, words):
     assert r.status == 1, r.lines
     line = r.failed_line(A)
     assert words in line, line
-    _other_host_unaffected(lab)
+    lab.unaffected(B)
     tls_sim.ssl_context = good
     runs, t = lab.catch_up(A)
     figures.fault("archive", f"TLS: {name}", r.status, line, t, runs)
