@@ -274,6 +274,16 @@ class Fault:
     ``page_loop`` (metadata next page points back at itself), ``gigantic`` (``size_mb`` of
     valid JSON points).  ``times``: apply to that many requests (None: until cleared);
     ``path``: regex searched in ``path?query``.
+
+    Shapes of data answers: ``object`` (``{"results": [...]}``), ``missing_ts`` (one point
+    without ``ts``), ``string_ts`` (every ``ts`` a string), ``duplicate_ts`` (every point
+    twice), ``out_of_order`` (the page reversed), ``outside_window`` (a point before and one
+    after the asked window); ``unsorted``: ``limit``/``offset`` applied to the window's
+    points in a fixed shuffled storage order, which is also the order served (an archive
+    that limits before it sorts); ``raw_values``: ``values`` maps timestamps to raw JSON
+    text served as those points' ``val`` (``"1e999"``, ``"NaN"``, ...), whatever the
+    series holds.  Values that are :class:`Raw` are always served as their text, without
+    a fault.
     """
 
     kind: str
@@ -281,6 +291,7 @@ class Fault:
     body: Any = None
     delay: float = 0.0
     shape: str = ""
+    values: dict[int, str] | None = None  # raw_values: ts -> raw JSON text of its val
     size_mb: float = 40.0
     times: int | None = None
     path: str | None = None
@@ -293,7 +304,58 @@ class Fault:
 
 KINDS = ("status", "slow", "stall", "cut", "reset", "truncate", "nonjson", "shape", "page_loop",
          "gigantic")
-SHAPES = ("object", "missing_ts", "string_ts", "duplicate_ts", "out_of_order", "outside_window")
+SHAPES = ("object", "missing_ts", "string_ts", "duplicate_ts", "out_of_order", "outside_window",
+          "unsorted", "raw_values")
+
+
+class Raw:
+    """A value served as exactly this JSON text: ``Raw("1e999")``, ``Raw('{"error": "\\ud800"}')``.
+
+    For what Python's ``json`` cannot write (a bare ``1e999``, ``-1e999``) or to fix the
+    exact text.  (A plain ``str`` holding a lone surrogate is already served as its
+    ``\\udXXX`` escape, and a float ``nan`` as ``NaN``.)
+    """
+
+    __slots__ = ("text",)
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+
+    def __repr__(self) -> str:
+        return f"Raw({self.text!r})"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Raw) and other.text == self.text
+
+    def __hash__(self) -> int:
+        return hash(self.text)
+
+
+def dumps(obj: Any, **kw: Any) -> bytes:
+    """``json.dumps`` of an answer, :class:`Raw` values written as their text.
+
+    Costs nothing extra when no value is :class:`Raw` (``default`` is never called).
+    """
+    raws: list[str] = []
+
+    def default(o: Any) -> Any:
+        if isinstance(o, Raw):
+            raws.append(o.text)
+            return f"\x00raw{len(raws) - 1}\x00"
+        raise TypeError(f"not JSON serializable: {type(o).__name__}")
+
+    text = json.dumps(obj, default=default, **kw)
+    for i, raw in enumerate(raws):  # the placeholder is written as "\u0000rawN\u0000"
+        text = text.replace(f'"\\u0000raw{i}\\u0000"', raw, 1)
+    return text.encode()
+
+
+def storage_rank(ts: int) -> int:
+    """Where a point sits in the ``unsorted`` archive's storage: a fixed shuffle of ts."""
+    x = (ts * 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF  # splitmix64's finaliser
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+    return x ^ (x >> 31)
 
 
 def _event_types(items: list) -> list[tuple[str, list[tuple[str, str]]]]:
@@ -569,8 +631,9 @@ def _rows(rec: Record) -> Iterator[tuple[str, str, str, Any]]:
 class Api:
     """The read side of the archive API for one host, both flavours."""
 
-    def __init__(self, host: Host, origin: str) -> None:
+    def __init__(self, host: Host, origin: str, storage: str = "sorted") -> None:
         self.host, self.origin = host, origin
+        self.storage = storage  # "unsorted": limit applied in storage order, served unsorted
         self.elmond = host.flavor == "elmond"
         self.path = host.prefix
 
@@ -663,7 +726,11 @@ class Api:
         if series is None or summary != "base":
             return Answer(200, [], kind="data")
         with self.host.lock:
-            pts = list(islice(series.iter(begin, end), offset, max(offset, stop)))
+            if self.storage == "unsorted":  # a broken archive: limit before (never) sorting
+                pts = sorted(series.iter(begin, end), key=lambda p: storage_rank(p[0]))
+                pts = pts[offset:max(offset, stop)]
+            else:
+                pts = list(islice(series.iter(begin, end), offset, max(offset, stop)))
             if not self.elmond and "limit" not in q and offset + limit < min(
                     series.count(begin, end), 1000000):
                 headers["Link"] = f'<{self._self_url(q, limit=limit, offset=offset + limit)}>; rel="next"'
@@ -1063,7 +1130,8 @@ class EsmondSim:
             self._send(h, fault.status, body, ctype)
             return
         origin = f"{self.scheme}://{host_header or self.netloc}"
-        ans = Api(host, origin).handle(split.path, split.query)
+        storage = "unsorted" if kind == "shape" and fault.shape == "unsorted" else "sorted"
+        ans = Api(host, origin, storage).handle(split.path, split.query)
         q = dict(parse_qsl(split.query, keep_blank_values=True))
         if kind == "shape" and ans.kind == "data":
             ans.body = _reshape(ans.body, fault.shape, q)
@@ -1074,9 +1142,15 @@ class EsmondSim:
         if kind == "gigantic":
             self._send_gigantic(h, fault.size_mb, q)
             return
+        if kind == "shape" and fault.shape == "raw_values" and ans.kind == "data" \
+                and isinstance(ans.body, list):
+            raw = {int(t): Raw(v) for t, v in (fault.values or {}).items()}
+            for p in ans.body:
+                if isinstance(p, dict) and p.get("ts") in raw:
+                    p["val"] = raw[p["ts"]]
         body = ans.body if isinstance(ans.body, bytes) else (
-            json.dumps(ans.body, sort_keys=True, indent=4).encode() + b"\n"
-            if host.flavor == "elmond" else json.dumps(ans.body, separators=(",", ":")).encode())
+            dumps(ans.body, sort_keys=True, indent=4) + b"\n"
+            if host.flavor == "elmond" else dumps(ans.body, separators=(",", ":")))
         if kind == "nonjson":
             ans.status, ans.ctype = 200, "text/html"
             body = b"<html><body><h1>Service Temporarily Unavailable</h1></body></html>"

@@ -16,7 +16,7 @@ import requests
 sys.path.insert(0, str(Path(__file__).parent))
 
 import tlsutil
-from esmond_sim import ESMOND_PREFIX, FORMATS_DIR, EsmondSim, Series, make_value
+from esmond_sim import ESMOND_PREFIX, FORMATS_DIR, EsmondSim, Raw, Series, make_value
 
 T0 = 1_600_000_000
 
@@ -295,6 +295,64 @@ def test_page_loop_points_back(sim):
     first = requests.get(sim.url(), params={"limit": 2})
     assert first.json()[0]["metadata-next-page"] == first.url
     assert f"<{first.url}>" in first.headers["Link"]
+
+
+def test_unsorted_limits_in_a_fixed_storage_order_and_serves_it_unsorted(sim):
+    h = sim.host("ps.example.org")
+    rec = h.add_test("throughput", event_types=["throughput"], start=T0, step=60, count=300)
+    data = f"http://{sim.netloc}{ESMOND_PREFIX}{rec.key}/throughput/base"
+    q = {"time-start": T0, "time-end": T0 + 299 * 60, "limit": 50}
+    everything = dict(h.points(rec.key, "throughput"))
+    h.fault("shape", shape="unsorted")
+    page = requests.get(data, params=q).json()
+    ts = [p["ts"] for p in page]
+    assert len(ts) == 50 and ts != sorted(ts)  # limited, and not in time order
+    assert sorted(ts) != sorted(everything)[:50]  # not the window's first 50 either
+    assert all(everything[p["ts"]] == p["val"] for p in page)
+    assert requests.get(data, params=q).json() == page  # the same storage order every time
+    pages = [requests.get(data, params={**q, "offset": o}).json() for o in range(0, 300, 50)]
+    assert sorted(p["ts"] for pg in pages for p in pg) == sorted(everything)  # offsets cover all
+    small = {"time-start": T0 + 60, "time-end": T0 + 600, "limit": 50}  # a window under limit
+    assert sorted(p["ts"] for p in requests.get(data, params=small).json()) == \
+        [T0 + 60 * k for k in range(1, 11)]
+    h.clear_faults()
+    assert [p["ts"] for p in requests.get(data, params=q).json()] == sorted(everything)[:50]
+    with pytest.raises(ValueError):
+        h.fault("shape", shape="sideways")
+
+
+def test_poison_values_are_served_as_raw_json_text(sim):
+    h = sim.host("ps.example.org")
+    rec = h.add_test("trace", event_types=["failures", "throughput"], start=T0, step=60, count=5)
+    h.add_points(rec.key, "failures", [(T0 + 60, {"error": "\ud800 lone surrogate"}),
+                                       (T0 + 120, Raw('{"error": "\\udfff raw"}'))])
+    h.add_points(rec.key, "throughput", [(T0, Raw("1e999")), (T0 + 60, Raw("-1e999")),
+                                         (T0 + 120, float("nan"))])
+    base = f"http://{sim.netloc}{ESMOND_PREFIX}{rec.key}"
+    q = {"time-start": T0, "time-end": T0 + 240}
+    fails = requests.get(f"{base}/failures/base", params=q).content
+    assert b'{"ts":%d,"val":{"error":"\\ud800 lone surrogate"}}' % (T0 + 60) in fails
+    assert b'{"ts":%d,"val":{"error": "\\udfff raw"}}' % (T0 + 120) in fails
+    vals = [p["val"] for p in json.loads(fails)]
+    assert vals[1] == {"error": "\ud800 lone surrogate"} and vals[2] == {"error": "\udfff raw"}
+    tput = requests.get(f"{base}/throughput/base", params=q).content
+    assert b'"val":1e999}' in tput and b'"val":-1e999}' in tput and b'"val":NaN}' in tput
+    got = [p["val"] for p in json.loads(tput)][:3]
+    assert got[:2] == [float("inf"), float("-inf")] and got[2] != got[2]
+    # raw_values rewrites chosen points of an answer, whatever the series holds
+    h.fault("shape", shape="raw_values", values={T0 + 180: "1e999", T0 + 240: "NaN"}, times=1)
+    raw = requests.get(f"{base}/throughput/base", params=q).content
+    assert b'{"ts":%d,"val":1e999}' % (T0 + 180) in raw
+    assert b'{"ts":%d,"val":NaN}' % (T0 + 240) in raw
+    assert b"1e999}" not in requests.get(f"{base}/throughput/base",
+                                         params={"time-start": T0 + 180}).content
+    # and in metadata (esmond's compact form and elmond's indented one)
+    h.add_test("trace", **{"input-source": Raw('"\\ud800.example.org"')})
+    assert b'"input-source":"\\ud800.example.org"' in requests.get(sim.url()).content
+    h5 = sim.host("ps5.example.org", flavor="elmond")
+    h5.add_test("trace", **{"input-source": Raw('"\\ud800.example.org"')})
+    meta = requests.get(sim.url(), headers={"Host": "ps5.example.org"}).content
+    assert b'"input-source": "\\ud800.example.org"' in meta
 
 
 def test_slow_stall_and_latency(sim):

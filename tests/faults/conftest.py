@@ -255,11 +255,18 @@ class Lab:
                               timeout=timeout, env=env, cwd=str(ROOT))
 
     # -- accounting
-    def tally(self, host: str) -> Tally:
-        """Lost and duplicated points of ``host`` over everything delivered so far."""
+    def tally(self, host: str, expect: dict[tuple[str, str, int], Any] | None = None) -> Tally:
+        """Lost and duplicated points of ``host`` over everything delivered so far.
+
+        ``expect``: (key, event type, ts) -> the value that point must arrive as, where
+        the collector documents a change (a value strict JSON cannot carry).
+        """
         self.delivered += self.bus.drain()
         h = self.hosts[host].hosts[host.lower()]
         want = {(k, et): dict(h.points(k, et)) for k, et in h.pairs()}
+        for (k, et, ts), val in (expect or {}).items():
+            assert ts in want[(k, et)], f"expect names a point the archive does not hold: {ts}"
+            want[(k, et)][ts] = val
         got: Counter = Counter()
         for m in self.delivered:
             meta = m["meta"]
@@ -275,6 +282,13 @@ class Lab:
         assert not extra, f"points the archive never held: {sorted(extra)[:5]}"
         lost = len(expected - set(got))
         return Tally(len(expected), sum(got.values()), lost, sum(got.values()) - len(got))
+
+    def unaffected(self, host: str) -> None:
+        """``host`` (another host of the lab) measures more and is collected whole."""
+        self.more(host, 120)
+        r = self.run(host)
+        assert r.status == 0, r.lines
+        assert self.tally(host).lost == 0
 
     def catch_up(self, host: str, max_runs: int = 5, **extra: dict[str, Any]) -> tuple[int, Tally]:
         """Runs (fault removed) until nothing is lost; returns (runs, tally)."""
