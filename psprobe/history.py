@@ -9,7 +9,9 @@ reports, never data, so failing to write it is a warning, not a failed run.
 
 A run is ``{"start", "end", "status", "error", "points", "messages", "newest",
 "by_type", ...}``; a backfill run also has ``"kind": "backfill"`` (status and
-lag are about the regular runs only).
+lag are about the regular runs only).  A collect that found a backfill holding
+the host's lock is recorded as ``{"kind": "skipped", "reason", "start", "end"}``:
+neither a failure nor a success, and no run in the totals.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ def load_doc(state_dir: str, host: str) -> dict[str, Any]:
     A damaged or missing file reads as empty (a damaged one with a warning).
     """
     try:
-        data = state.read_json(path(state_dir, host), default={})
+        data = state.read_json(path(state_dir, host), default={}, root=state_dir)
     except (ValueError, OSError) as e:
         log.warning("%s", e)
         data = {}
@@ -58,8 +60,17 @@ def load(state_dir: str, host: str) -> list[dict[str, Any]]:
 
 
 def is_regular(run: dict[str, Any]) -> bool:
-    """A scheduled collect (not a backfill): what status and lag are about."""
+    """A scheduled collect (not a backfill, not a skip): what status and lag are about."""
     return run.get("kind", "collect") == "collect"
+
+
+def is_backfill(run: dict[str, Any]) -> bool:
+    return run.get("kind") == "backfill"
+
+
+def is_skipped(run: dict[str, Any]) -> bool:
+    """A collect that did not run: a backfill held the host's lock (not failed, not ok)."""
+    return run.get("kind") == "skipped"
 
 
 def record(state_dir: str, host: str, run: dict[str, Any]) -> dict[str, Any]:
@@ -79,7 +90,7 @@ def record(state_dir: str, host: str, run: dict[str, Any]) -> dict[str, Any]:
         else:
             doc["last_success"] = run.get("end")
     try:
-        state.write_json_atomic(path(state_dir, host), doc)
+        state.write_json_atomic(path(state_dir, host), doc, root=state_dir)
     except OSError as e:
         log.warning("%s: cannot write run history: %s", path(state_dir, host), e.strerror)
     return doc

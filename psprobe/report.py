@@ -109,7 +109,7 @@ def build(cfg: Config, since: float, *, now: float | None = None) -> Report:
         for r in runs:
             for et, n in (r.get("by_type") or {}).items():
                 by_type[et] = by_type.get(et, 0) + int(n)
-            if not history.is_regular(r):
+            if history.is_backfill(r):
                 backfills += 1
                 backfill_points += int(r.get("points") or 0)
         lines.append(HostLine(

@@ -7,6 +7,8 @@ for its whole run, so at most N archives are read at once; the others wait,
 blocked in flock, before they import anything heavy (``bin/psprobe`` calls
 :func:`early` first: a waiting process is ~3 MB instead of ~25 MB).  The kernel
 drops a lock when its process dies, so a killed run can never leak a slot.
+Slot files are never opened through a link (``O_NOFOLLOW``, as psprobe.state
+does for the state files); ``runtime_dir`` itself is the operator's choice.
 
 This module must stay cheap to import: os, fcntl, signal, configparser (no
 dataclasses, no random: they would add ~2 MB to every waiting process).
@@ -61,7 +63,13 @@ def _on_alarm(signum: int, frame: object) -> None:
 
 
 def _open(path: str) -> int:
-    return os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o660)
+    """The slot file, never through a link (psprobe.state's rule; importing it costs too much)."""
+    try:
+        return os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o660)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise OSError(errno.ELOOP, "refusing to follow a symbolic link", path) from None
+        raise
 
 
 def _try(path: str) -> int | None:
@@ -135,7 +143,8 @@ def hold(runtime_dir: str, n: int) -> Slot | None:
     try:
         _held = acquire(runtime_dir, n)
     except OSError as e:
-        _say(4, f"collect: cannot use run slots in {runtime_dir} ({e.strerror}); "
+        why = f"{e.filename}: {e.strerror}" if e.filename not in (None, runtime_dir) else e.strerror
+        _say(4, f"collect: cannot use run slots in {runtime_dir} ({why}); "
                 f"running without the [collect] max_concurrent bound")
         return None
     if _held is not None and _held.waited >= 1.0:

@@ -134,14 +134,14 @@ def _one_mesh(url: str, fetch: Callable[[str], bytes], sd: str, now: float, forg
             log.warning("%s", w)
         if res.complete:
             if save:
-                cache.parent.mkdir(parents=True, exist_ok=True)
-                state.write_json_atomic(cache, {"url": url, "fetched": now, "targets": res.targets})
+                state.write_json_atomic(cache, {"url": url, "fetched": now, "targets": res.targets},
+                                        root=sd)
             return res.targets, True
         reason = "part of it could not be read"
     except mesh.MeshError as e:
         reason = str(e)
     try:
-        last = state.read_json(cache)
+        last = state.read_json(cache, root=sd)
     except ValueError as e:
         log.warning("%s", e)
         last = None
@@ -171,21 +171,19 @@ def apply(cfg: Config, p: Plan, unit_dir: Path, *, now: float, systemctl: bool =
     """Record targets, switch timers, and keep sync's own record for status/report."""
     sd = cfg.collect.state_dir
     for host, t in p.targets.items():
-        d = state.host_dir(sd, host)
-        d.mkdir(parents=True, exist_ok=True)
-        path = d / "target.json"
+        path = state.make_host_dir(sd, host) / "target.json"
         rec = {"host": host, "read_url": t["read_url"], "meshes": sorted(set(t["meshes"]))}
         try:
-            old = state.read_json(path)
+            old = state.read_json(path, root=sd)
         except ValueError:
             old = None
         if old != rec:
-            state.write_json_atomic(path, rec)
+            state.write_json_atomic(path, rec, root=sd)
     units.apply(unit_dir, p.added, p.removed, template_dir=Path(cfg.mesh.template_dir),
                 systemctl=systemctl)
     path = Path(sd) / "sync.json"
     try:
-        old = state.read_json(path, default={}) or {}
+        old = state.read_json(path, default={}, root=sd) or {}
     except ValueError:
         old = {}
     changes = [c for c in old.get("changes", []) if c.get("time", 0) >= now - SYNC_KEEP]
@@ -198,7 +196,7 @@ def apply(cfg: Config, p: Plan, unit_dir: Path, *, now: float, systemctl: bool =
         "failed_meshes": p.failed,
         "changes": changes,
     }
-    state.write_json_atomic(path, rec)
+    state.write_json_atomic(path, rec, root=sd)
     metrics.remove_hosts(cfg.metrics.textfile_dir, p.removed)
     metrics.write_sync(cfg.metrics.textfile_dir, rec)
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import os
 import time
 from pathlib import Path
 
@@ -157,3 +159,76 @@ def test_bad_times_are_one_clear_line(tmp_path):
         == control.parse_when("2025-11-20 06:00") == 1763618400
     assert control.parse_when("3d", now=1_000_000) == 1_000_000 - 3 * 86400
     assert control.parse_when("@42") == 42
+
+
+# --- the lock says who holds it: a collect that meets a backfill is recorded as skipped
+
+
+def _lock_text(cfg, host) -> str:
+    return (state.host_dir(cfg.collect.state_dir, host) / "lock").read_text()
+
+
+def test_a_collect_held_off_by_a_backfill_says_so_and_is_recorded_as_skipped(tmp_path, sim, bus,
+                                                                            caplog):
+    from psprobe import metrics, status
+
+    _h, host, _conf, cfg, _regular, _now = setup(tmp_path, sim, bus, hours=1)
+    sd = cfg.collect.state_dir
+    before = history.load_doc(sd, host)
+    with checkpoint.host_lock(sd, host, kind="backfill"):
+        assert _lock_text(cfg, host) == f"backfill {os.getpid()}\n"
+        caplog.clear()
+        assert runner.collect_host(cfg, host) == 0
+    assert [r.getMessage() for r in caplog.records] == \
+        [f"collect {host}: a backfill of this host holds its lock; skipped"]
+    assert caplog.records[0].levelno == logging.INFO
+    assert bus.drain() == []
+    doc = history.load_doc(sd, host)
+    skip = doc["runs"][-1]
+    assert skip["kind"] == "skipped" and skip["reason"] == "a backfill of this host holds its lock"
+    assert history.is_skipped(skip) and not history.is_regular(skip) and not history.is_backfill(skip)
+    assert len(doc["runs"]) == len(before["runs"]) + 1
+    # Neither a failure nor a success: the totals and the last success stay.
+    assert doc["totals"] == before["totals"] and doc["last_success"] == before["last_success"]
+    st = status.host_status(cfg, host, now=time.time(), enabled=True, in_meshes=True)
+    assert st.health == "ok" and st.failures == 0 and st.result == "ok"
+    assert st.last_run == before["runs"][-1]["end"] and st.last_backfill is None
+    assert st.skipped_24h == 1
+    vals = {name: v for name, _lab, v in metrics.host_values(host, doc)}
+    assert vals["psprobe_collect_runs_total"] == 1 and vals["psprobe_collect_failures_total"] == 0
+
+
+def test_a_collect_held_off_by_a_collect_keeps_todays_line_and_records_nothing(tmp_path, sim, bus,
+                                                                             caplog):
+    _h, host, _conf, cfg, _regular, _now = setup(tmp_path, sim, bus, hours=1)
+    sd = cfg.collect.state_dir
+    before = history.load_doc(sd, host)
+    with checkpoint.host_lock(sd, host):
+        assert _lock_text(cfg, host) == f"collect {os.getpid()}\n"
+        caplog.clear()
+        assert runner.collect_host(cfg, host) == 0
+    assert [r.getMessage() for r in caplog.records] == \
+        [f"collect {host}: another collect of this host is running; nothing to do"]
+    assert history.load_doc(sd, host) == before
+
+
+def test_a_running_backfill_marks_the_lock_and_a_collect_meanwhile_is_skipped(tmp_path, sim, bus,
+                                                                            caplog):
+    _h, host, _conf, cfg, _regular, now = setup(tmp_path, sim, bus, hours=3)
+    seen: list[tuple[str, int]] = []
+
+    def progress(done, total, bf):
+        seen.append((_lock_text(cfg, host), runner.collect_host(cfg, host)))
+
+    bf = runner.backfill_host(cfg, host, now - 3 * 3600, now, progress=progress)
+    assert bf.status == 0 and bf.points > 0
+    assert seen and all(text == f"backfill {os.getpid()}\n" and rc == 0 for text, rc in seen)
+    assert sum("a backfill of this host holds its lock; skipped" in r.getMessage()
+               for r in caplog.records) == len(seen)
+    runs = history.load(cfg.collect.state_dir, host)
+    assert [r.get("kind", "collect") for r in runs] == \
+        ["collect", *["skipped"] * len(seen), "backfill"]
+    # Once the backfill is done, a collect runs again (and the lock says so).
+    assert runner.collect_host(cfg, host) == 0
+    assert _lock_text(cfg, host) == f"collect {os.getpid()}\n"
+    assert history.is_regular(history.load(cfg.collect.state_dir, host)[-1])
