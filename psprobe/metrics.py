@@ -14,12 +14,11 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from psprobe import hostnames
+from psprobe import hostnames, state
 
 log = logging.getLogger("psprobe.metrics")
 
@@ -45,6 +44,10 @@ HOST_METRICS = {
         "counter", "Messages published and confirmed (collects and backfills)."),
     "psprobe_collect_runs_total": ("counter", "Collects run."),
     "psprobe_collect_failures_total": ("counter", "Collects that failed."),
+    "psprobe_collect_unroutable_messages": (
+        "gauge", "Messages of the last collect the broker returned unroutable (no queue bound "
+        "for their routing key), by routing key; dropped unless [broker] unroutable = fail. "
+        "No sample when there were none."),
 }
 SYNC_METRICS = {
     "psprobe_sync_hosts": ("gauge", "Hosts the meshes name (timers enabled)."),
@@ -102,6 +105,9 @@ def host_values(host: str, doc: dict[str, Any]) -> list[tuple[str, dict[str, str
         vals.append(("psprobe_collect_newest_point_timestamp_seconds", lab, newest))
         vals.append(("psprobe_collect_lag_seconds", lab,
                      round(max(0.0, regular[-1].get("end", 0) - newest), 3)))
+    if regular:
+        for key, n in sorted(unroutable(regular[-1]).items()):
+            vals.append(("psprobe_collect_unroutable_messages", {**lab, "routing_key": key}, n))
     vals += [
         ("psprobe_collect_points_published_total", lab, t.get("points", 0)),
         ("psprobe_collect_messages_published_total", lab, t.get("messages", 0)),
@@ -111,22 +117,32 @@ def host_values(host: str, doc: dict[str, Any]) -> list[tuple[str, dict[str, str
     return vals
 
 
+def unroutable(run: dict[str, Any]) -> dict[str, int]:
+    """A run's ``"unroutable"`` ({routing key: messages returned}), whatever the file holds."""
+    raw = run.get("unroutable")
+    if not isinstance(raw, dict):
+        return {}
+    return {k: v for k, v in raw.items()
+            if isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool) and v > 0}
+
+
 def write_atomic(directory: str, name: str, text: str) -> bool:
-    """Replace ``directory/name``; False (with a warning) when that is not possible."""
+    """Replace ``directory/name``; False (with a warning) when that is not possible.
+
+    By :func:`psprobe.state.write_atomic`: the temp name ``.<name>.<random>.tmp``
+    does not end in .prom (node_exporter ignores it), and neither it nor the
+    file is ever written through a link (the directory is the operator's).
+    """
     d = Path(directory)
-    tmp = d / f".{name}.{os.getpid()}.tmp"  # not *.prom: node_exporter ignores it
     try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, d / name)
-    except OSError as e:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
+        state.write_atomic(d / name, text.encode(), 0o644, durable=False)
+    except (OSError, state.StateError) as e:
         if isinstance(e, FileNotFoundError) and not d.is_dir():
             log.warning("[metrics] textfile_dir %s does not exist: metrics not written", d)
-        else:
+        elif isinstance(e, OSError) and not isinstance(e, state.Refused):
             log.warning("%s: cannot write metrics: %s", d / name, e.strerror or e)
+        else:
+            log.warning("%s; metrics not written", e)
         return False
     return True
 

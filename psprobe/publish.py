@@ -1,15 +1,35 @@
 """Outlets for messages: the broker (confirmed), or standard output for --dry-run.
 
-An outlet has ``send(message, confirmed)``, ``flush()`` and ``close()``.
+An outlet has ``send(message, confirmed)``, ``flush()``, ``close()`` and
+``unroutable`` (routing key -> messages the broker returned unroutable).
 ``confirmed()`` is called once the message is safe, in the order the messages
-were sent: for the broker that means the broker confirmed it (publisher
-confirms, ``mandatory`` so an unroutable message is an error, not a silent
-drop).  Only then may the caller move a checkpoint.  ``flush`` returns once
+were sent (of one routing key, hence of one series; returned ones held back, see
+below, come later): for the broker that means the broker confirmed it (publisher
+confirms).  Only then may the caller move a checkpoint.  ``flush`` returns once
 every message sent is confirmed.
+
+Messages are published ``mandatory``: one no queue is bound for comes back.
+By default (``[broker] unroutable = warn``) that is the downstream's choice, not
+a fault: a consumer that binds 5 of the 13 event types gets those, the others
+are counted per routing key, warned about once per key and run, and dropped
+(their checkpoints move).  A run in which nothing at all was routed still fails
+(a wrong exchange, or no binding at all), and moves no checkpoint: until a
+routed message is confirmed, the ``confirmed()`` of returned ones are held back.
+A key the host knows as never routed (``routed_keys``: keys that did reach a
+queue before, so the exchange and its bindings were right) is not held: a run
+whose new points are all of unbound types is not an error.
+With ``unroutable = fail`` the first returned message stops the run.
 
 The broker outlet keeps up to ``[broker] confirm_window`` messages published
 and not yet confirmed, so a run costs a broker round trip per window, not per
 message; a run that dies resends at most that many.
+
+Every wait on the broker ends within ``[broker] timeout``, whatever the
+heartbeat: connecting (pika's socket and stack timeouts), opening the channel,
+each wait for confirms, and closing.  pika's BlockingConnection would otherwise
+wait without limit for a broker that froze with the TCP connection up (its
+``close()`` waits for Connection.CloseOk; its I/O loop for the socket to drain).
+At the deadline the connection is aborted, as pika's own heartbeat check does.
 """
 
 from __future__ import annotations
@@ -17,10 +37,12 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import re
+import socket
 import ssl
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import IO, Protocol
 from urllib.parse import unquote, urlsplit
@@ -49,6 +71,7 @@ class PrintOutlet:
     def __init__(self, settings: config.Broker, stream: IO[bytes]) -> None:
         self.exchange = json.dumps(settings.exchange).encode()
         self.stream = stream
+        self.unroutable: dict[str, int] = {}  # nothing is routed, so nothing comes back
 
     def send(self, msg: Message, confirmed: Callable[[], None]) -> None:
         self.stream.write(b'{"exchange":%s,"routing_key":%s,"message_id":"%s","body":%s}\n' % (
@@ -66,7 +89,17 @@ class PrintOutlet:
 class _Sent:
     tag: int  # the channel's delivery tag
     message_id: str
+    routing_key: str
     confirmed: Callable[[], None]
+
+
+class _NoAnswer(Exception):
+    """Why this side aborted the connection: the broker let a deadline pass."""
+
+
+# Returned messages whose confirmed() is held back, waiting for a routed one, are
+# at most this many windows (each holds its message): past it, nothing is routed.
+HELD_WINDOWS, HELD_MIN = 8, 256
 
 
 class BrokerOutlet:
@@ -76,14 +109,35 @@ class BrokerOutlet:
     asynchronous channel underneath (``_impl``, there since pika 0.10) takes
     confirms as they come, which is what a window needs.  Its callbacks only
     record what the broker said; the checkpoint callbacks run afterwards, here.
+
+    pika's private names relied on (the same from 1.0 to 1.4): ``_impl`` (the
+    asynchronous connection and channel under the blocking ones) and
+    ``Connection._terminate_stream``, which aborts the connection and is what
+    pika's own heartbeat check calls when the broker stops answering.
     """
 
-    def __init__(self, settings: config.Broker) -> None:
+    def __init__(self, settings: config.Broker, routed_keys: frozenset[str] = frozenset()) -> None:
         import pika  # imported here: --help and dry runs need not pay for it
 
         self._pika = pika
         self.settings = settings
         self.where = config.redact_url(settings.url)
+        self.window = settings.confirm_window
+        self.unroutable: dict[str, int] = {}  # routing key -> messages returned unroutable
+        self._sent: deque[_Sent] = deque()
+        self._tag = 0  # delivery tags count from 1 on a channel in confirm mode
+        self._acked_upto = 0  # every tag up to this one is acked ("multiple" acks)
+        self._acked: set[int] = set()  # single acks above it
+        self._returned: dict[str, int] = {}  # message id -> returns not yet matched to a confirm
+        self._held: list[Callable[[], None]] = []  # confirmed() of returned messages, in order
+        self._routed = False  # a message that reached a queue was confirmed
+        self._known = routed_keys  # keys that reached a queue in earlier runs
+        self.routed_keys: set[str] = set()  # keys that reached a queue in this run
+        self._failed: Exception | str | None = None  # a nack, or why the channel closed
+        self._waiting = False  # in _wait: pika's callbacks must wake it
+        self._blocked = False  # Connection.Blocked (a resource alarm) until Unblocked
+        self._broken = False  # the broker let a deadline pass: no polite close
+        self.conn = None
         try:
             params = connection_parameters(settings)
         except (ssl.SSLError, OSError) as e:
@@ -92,28 +146,34 @@ class BrokerOutlet:
             raise config.ConfigError(
                 f"[broker] ca/cert/key: cannot load: {getattr(e, 'reason', None) or e.strerror or e}"
             ) from None
-        try:
+        try:  # bounded by socket_timeout and stack_timeout
             self.conn = pika.BlockingConnection(params)
-            self.channel = self.conn.channel()
-            if settings.declare_exchange:
-                self.channel.exchange_declare(settings.exchange, exchange_type="topic",
-                                              durable=True)
-            else:
-                self.channel.exchange_declare(settings.exchange, passive=True)
+        except Exception as e:
+            raise BrokerError(f"broker {self.where}: {self._reason(e)}") from None
+        try:
+            self._setup()
+        except BaseException:
+            self.close()
+            raise
+
+    def _setup(self) -> None:
+        settings, pika = self.settings, self._pika
+        try:
+            with self._bounded(time.monotonic() + settings.timeout,
+                               "answer to channel.open and exchange.declare"):
+                self.channel = self.conn.channel()
+                if settings.declare_exchange:
+                    self.channel.exchange_declare(settings.exchange, exchange_type="topic",
+                                                  durable=True)
+                else:
+                    self.channel.exchange_declare(settings.exchange, passive=True)
         except Exception as e:
             raise BrokerError(f"broker {self.where}: {self._reason(e)}") from None
         self.props = pika.BasicProperties(delivery_mode=2, content_type="application/json")
-        self.window = settings.confirm_window
-        self._sent: deque[_Sent] = deque()
-        self._tag = 0  # delivery tags count from 1 on a channel in confirm mode
-        self._acked_upto = 0  # every tag up to this one is acked ("multiple" acks)
-        self._acked: set[int] = set()  # single acks above it
-        self._returned: set[str] = set()  # message ids the broker returned unroutable
-        self._failed: Exception | str | None = None  # a nack, or why the channel closed
-        self._waiting = False  # in _wait: pika's callbacks must wake it
-        self._blocked = False  # Connection.Blocked (a resource alarm) until Unblocked
-        self.conn.add_on_connection_blocked_callback(lambda *_: self._set_blocked(True))
-        self.conn.add_on_connection_unblocked_callback(lambda *_: self._set_blocked(False))
+        # On the connection underneath: known at once, even inside a wait that overruns
+        # (BlockingConnection hands its own callbacks out only after the wait).
+        self.conn._impl.add_on_connection_blocked_callback(lambda *_: self._set_blocked(True))
+        self.conn._impl.add_on_connection_unblocked_callback(lambda *_: self._set_blocked(False))
         ch = self.channel._impl
         ch.add_on_return_callback(self._on_return)
         ch.add_on_close_callback(self._on_close)
@@ -140,7 +200,9 @@ class BrokerOutlet:
         self._wake()
 
     def _on_return(self, _channel, _method, props, _body) -> None:
-        self._returned.add(props.message_id)
+        # The broker sends Basic.Return before the ack of the same message, and
+        # both in publish order: the oldest unacked message with this id is it.
+        self._returned[props.message_id] = self._returned.get(props.message_id, 0) + 1
         self._wake()
 
     def _on_close(self, _channel, reason: Exception) -> None:
@@ -157,18 +219,55 @@ class BrokerOutlet:
         with contextlib.suppress(self._pika.exceptions.ConnectionWrongStateError):
             self.conn.add_callback_threadsafe(_nothing)
 
+    # deadlines: pika's blocking calls have none of their own
+
+    @contextlib.contextmanager
+    def _bounded(self, deadline: float, what: str) -> Iterator[None]:
+        """Abort the connection if the block's pika calls are still waiting at ``deadline``.
+
+        A timer in pika's own I/O loop: it fires inside any of its waits
+        (process_data_events waiting for the socket to drain, close waiting for
+        CloseOk), and the wait then ends with the ``_NoAnswer`` it was aborted with.
+        """
+        impl = self.conn._impl
+        if impl.is_closed:  # nothing will wait: every call fails at once
+            yield
+            return
+        loop = impl.ioloop
+        timer = loop.call_later(max(0.0, deadline - time.monotonic()),
+                                lambda: self._abort(self._late(what)))
+        try:
+            yield
+        finally:
+            with contextlib.suppress(Exception):  # gone with a closed connection's loop
+                loop.remove_timeout(timer)
+
+    def _late(self, what: str) -> str:
+        if self._blocked:  # pika's blocked_connection_timeout is the same: be first
+            return (f"connection blocked by the broker (resource alarm) for over "
+                    f"{self.settings.timeout:g}s")
+        return f"no {what} within {self.settings.timeout:g}s"
+
+    def _abort(self, why: str) -> None:
+        """Drop the connection now, without the AMQP goodbye a frozen broker never answers."""
+        self._broken = True
+        impl = self.conn._impl
+        if not impl.is_closed:
+            with contextlib.suppress(Exception):
+                impl._terminate_stream(_NoAnswer(why))
+
     # the outlet
 
     def send(self, msg: Message, confirmed: Callable[[], None]) -> None:
         props = self.props
         props.message_id = msg.message_id
-        try:
+        try:  # only buffered: pika writes when its I/O loop runs (in _wait)
             self.channel._impl.basic_publish(self.settings.exchange, msg.routing_key, msg.body,
                                              properties=props, mandatory=True)
         except Exception as e:
             raise BrokerError(f"broker {self.where}: {self._reason(e)}") from None
         self._tag += 1
-        self._sent.append(_Sent(self._tag, msg.message_id, confirmed))
+        self._sent.append(_Sent(self._tag, msg.message_id, msg.routing_key, confirmed))
         if len(self._sent) >= self.window:  # a full window: out it goes, then wait for half
             while len(self._sent) > self.window // 2:
                 self._progress()
@@ -176,6 +275,9 @@ class BrokerOutlet:
     def flush(self) -> None:
         while self._sent:
             self._progress()
+        if self._held:  # every message so far came back: wrong exchange, or nothing bound
+            raise BrokerError(self._nothing_routed(f"all {len(self._held)} message(s) of this run "
+                                                   "were"))
 
     def _progress(self) -> None:
         """Wait until at least one more message is confirmed (or fail)."""
@@ -184,20 +286,18 @@ class BrokerOutlet:
 
     def _wait(self, done: Callable[[], bool], what: str) -> None:
         deadline = time.monotonic() + self.settings.timeout
-        self._io(0)
-        while not done():
-            left = deadline - time.monotonic()
-            if left <= 0:
-                if self._blocked:  # pika's blocked_connection_timeout is the same: be first
-                    raise BrokerError(f"broker {self.where}: connection blocked by the broker "
-                                      f"(resource alarm) for over {self.settings.timeout:g}s")
-                raise BrokerError(f"broker {self.where}: no {what} within "
-                                  f"{self.settings.timeout:g}s")
-            self._waiting = True
-            try:
-                self._io(min(left, 1.0))
-            finally:
-                self._waiting = False
+        with self._bounded(deadline, what):
+            self._io(0)
+            while not done():
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    self._broken = True
+                    raise BrokerError(f"broker {self.where}: {self._late(what)}")
+                self._waiting = True
+                try:
+                    self._io(min(left, 1.0))
+                finally:
+                    self._waiting = False
 
     def _io(self, seconds: float) -> None:
         """Let pika read and write for up to ``seconds``; then hand out the confirms."""
@@ -209,26 +309,79 @@ class BrokerOutlet:
             head = self._sent[0]
             if head.tag > self._acked_upto and head.tag not in self._acked:
                 break
-            if head.message_id in self._returned:
-                raise BrokerError(f"broker {self.where}: message returned unroutable by exchange "
-                                  f"{self.settings.exchange!r} (no queue bound for its key)")
-            self._sent.popleft()
-            self._acked.discard(head.tag)
-            head.confirmed()
+            if self._returned.get(head.message_id):
+                self._unroutable(head)
+            else:
+                self._sent.popleft()
+                self._acked.discard(head.tag)
+                self._routed = True
+                self.routed_keys.add(head.routing_key)
+                held, self._held = self._held, []
+                for f in held:  # a message reached a queue: those returned before it count
+                    f()
+                head.confirmed()
         if self._failed is not None:
             f = self._failed
             raise BrokerError(f"broker {self.where}: {f if isinstance(f, str) else self._reason(f)}")
 
+    def _unroutable(self, head: _Sent) -> None:
+        """``head`` was acked after a Basic.Return: count it, then drop it, hold it or fail."""
+        key, x = head.routing_key, self.settings.exchange
+        first = key not in self.unroutable
+        self.unroutable[key] = self.unroutable.get(key, 0) + 1
+        if self.settings.unroutable == "fail":  # it stays first in line: nothing after moves
+            raise BrokerError(f"broker {self.where}: a message with routing key {key!r} was "
+                              f"returned unroutable by exchange {x!r}: no queue is bound for "
+                              "that key ([broker] unroutable = fail)")
+        self._sent.popleft()
+        self._acked.discard(head.tag)
+        self._returned[head.message_id] -= 1
+        if first:
+            log.warning("broker %s: message(s) with routing key %r returned unroutable by "
+                        "exchange %r: no queue is bound for that key; they are dropped "
+                        "(set [broker] unroutable = fail to stop instead)", self.where, key, x)
+        if self._routed or (self._known and key not in self._known):
+            head.confirmed()  # routed this run, or a key this host never got routed
+            return
+        self._held.append(head.confirmed)
+        if len(self._held) >= max(HELD_WINDOWS * self.window, HELD_MIN):
+            raise BrokerError(self._nothing_routed(f"the first {len(self._held)} message(s) of "
+                                                   "this run were all"))
+
+    def _nothing_routed(self, which: str) -> str:
+        keys = sorted(self.unroutable)
+        named = ", ".join(map(repr, keys[:4])) + (f" and {len(keys) - 4} more" if len(keys) > 4
+                                                   else "")
+        return (f"broker {self.where}: {which} returned unroutable by exchange "
+                f"{self.settings.exchange!r} (no queue is bound for {named}): nothing was "
+                "delivered; check the exchange and its bindings")
+
     def close(self) -> None:
+        """Close within ``[broker] timeout``; abort at once if the broker stopped answering."""
+        conn = self.conn
+        if conn is None or conn.is_closed:
+            return
         try:
-            if self.conn.is_open:
-                self.conn.close()
+            if self._broken or not conn.is_open:
+                self._abort("closing")
+            else:
+                with self._bounded(time.monotonic() + self.settings.timeout,
+                                   "answer to connection.close"):
+                    conn.close()
         except Exception as e:
             log.debug("closing broker connection: %s", e)
+        if not conn.is_closed:
+            self._abort("closing")
+            # One turn of pika's loop delivers the abort: the socket is closed, and
+            # the wait ends at once (it raises why the connection ended).
+            with contextlib.suppress(Exception):
+                conn.process_data_events(0)
 
-    def _reason(self, e: Exception) -> str:
+    def _reason(self, e: BaseException) -> str:
         ex = self._pika.exceptions
         x = self.settings.exchange
+        if isinstance(e, _NoAnswer):
+            return str(e)
         if isinstance(e, ex.ChannelClosedByBroker):
             if e.reply_code == 404:
                 return f"exchange {x!r} does not exist (create it, or set [broker] declare_exchange)"
@@ -243,11 +396,14 @@ class BrokerOutlet:
             return f"connection blocked by the broker (resource alarm) for over {self.settings.timeout:g}s"
         if isinstance(e, ex.ConnectionClosedByBroker):
             return f"connection closed by broker: {e.reply_code} {e.reply_text}"
+        if isinstance(e, ex.AMQPHeartbeatTimeout):
+            return "connection lost (no heartbeat from the broker)"
         if isinstance(e, (ex.StreamLostError, ex.ConnectionWrongStateError)):
             return "connection lost"
-        if isinstance(e, ex.AMQPConnectionError):
-            return f"cannot connect ({_root_cause(e)})"
-        return f"{type(e).__name__}: {e}".replace("\n", " ")
+        if isinstance(e, ex.IncompatibleProtocolError):
+            return ("cannot connect (the server closed the connection during the AMQP "
+                    "handshake: is it an AMQP 0-9-1 broker?)")
+        return _connect_failure(e, self.settings.timeout)
 
 
 class LazyBrokerOutlet:
@@ -258,15 +414,26 @@ class LazyBrokerOutlet:
     once, so a bad one fails every run, not only runs with data.
     """
 
-    def __init__(self, settings: config.Broker) -> None:
+    def __init__(self, settings: config.Broker, routed_keys: frozenset[str] = frozenset()) -> None:
         if settings.password_file:
             config.read_secret(settings.password_file, "[broker] password_file")
         self.settings = settings
+        self.known = routed_keys
         self.outlet: BrokerOutlet | None = None
+
+    @property
+    def routed_keys(self) -> set[str]:
+        """Routing keys that reached a queue in this run."""
+        return self.outlet.routed_keys if self.outlet is not None else set()
+
+    @property
+    def unroutable(self) -> dict[str, int]:
+        """Routing key -> messages returned unroutable in this run (empty if never connected)."""
+        return self.outlet.unroutable if self.outlet is not None else {}
 
     def send(self, msg: Message, confirmed: Callable[[], None]) -> None:
         if self.outlet is None:
-            self.outlet = BrokerOutlet(self.settings)
+            self.outlet = BrokerOutlet(self.settings, self.known)
         self.outlet.send(msg, confirmed)
 
     def flush(self) -> None:
@@ -313,16 +480,46 @@ def connection_parameters(settings: config.Broker):
     )
 
 
-def _root_cause(e: BaseException) -> str:
-    """pika wraps a refused socket three deep; dig out the words that say what happened."""
-    for _ in range(6):
+def _causes(e: BaseException) -> Iterator[BaseException]:
+    """``e`` and what it wraps: pika wraps a failed connect up to three deep."""
+    for _ in range(8):
+        yield e
         inner = getattr(e, "exception", None)
         if inner is None and getattr(e, "exceptions", None):
             inner = e.exceptions[-1]
         if inner is None and e.args and isinstance(e.args[0], BaseException):
             inner = e.args[0]
-        if inner is None:
-            break
+        if not isinstance(inner, BaseException):
+            return
         e = inner
-    text = getattr(e, "strerror", None) or str(e) or type(e).__name__
-    return text.replace("\n", " ")[:200]
+
+
+def _connect_failure(e: BaseException, timeout: float) -> str:
+    """One plain sentence for a failed connection (pika's own texts are reprs)."""
+    import pika
+    from pika.adapters.utils import connection_workflow as cw
+
+    chain = list(_causes(e))
+    root = chain[-1]
+    tcp = any(isinstance(c, cw.AMQPConnectorSocketConnectError) for c in chain)
+    if isinstance(root, (socket.timeout, TimeoutError)) or (
+            tcp and isinstance(root, cw.AMQPConnectorStackTimeout)):
+        return f"cannot connect (no answer within {timeout:g}s)"
+    if isinstance(root, cw.AMQPConnectorStackTimeout):
+        if any(isinstance(c, cw.AMQPConnectorTransportSetupError) for c in chain) \
+                or "transport" in str(root):
+            return f"no answer to the TLS handshake within {timeout:g}s"
+        return f"no answer to the AMQP handshake within {timeout:g}s"
+    if isinstance(root, ssl.SSLError):
+        why = getattr(root, "verify_message", None) or re.sub(
+            r"^\[[^]]*\]\s*|\s*\(_ssl\.c:\d+\)$", "", root.strerror or str(root))
+        return f"TLS failed: {why or root.reason}"
+    if isinstance(root, OSError) and root.strerror:
+        return f"cannot connect ({root.strerror})"
+    if isinstance(e, (OSError, pika.exceptions.AMQPConnectionError, cw.AMQPConnectorException)):
+        return f"cannot connect ({_text(root)})"
+    return _text(root)
+
+
+def _text(e: BaseException) -> str:
+    return (str(e) or type(e).__name__).replace("\n", " ")[:200]

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from psprobe import history, hostnames, state, units
+from psprobe import history, hostnames, metrics, state, units
 from psprobe.config import Config
 
 DAY = 86400
@@ -53,6 +53,10 @@ class HostStatus:
     failures: int  # consecutive failed collects, the last one included
     next_run: float | None  # next timer firing, when systemd says
     last_backfill: float | None = None
+    # routing key -> messages of the last collect the broker returned unroutable (a
+    # warning, not a failure: the downstream binds only some keys)
+    unroutable: dict[str, int] = dataclasses.field(default_factory=dict)
+    skipped_24h: int = 0  # collects skipped because a backfill held the host's lock
 
 
 @dataclass
@@ -85,7 +89,7 @@ def known_hosts(cfg: Config, sync: dict[str, Any] | None = None) -> set[str]:
     """Every host with state, an enabled timer, or named by the last sync."""
     found = set(units.enabled_hosts(Path(cfg.mesh.unit_dir)))
     try:
-        names = os.listdir(Path(cfg.collect.state_dir) / "hosts")
+        names = state.listdir(cfg.collect.state_dir, "hosts")
     except OSError:
         names = []
     for n in names:
@@ -102,8 +106,12 @@ def known_hosts(cfg: Config, sync: dict[str, Any] | None = None) -> set[str]:
 def _running(state_dir: str, host: str) -> bool:
     """True when a collect or backfill holds the host's lock (a shared try-lock, never waits)."""
     try:
-        fd = os.open(state.host_dir(state_dir, host) / "lock", os.O_RDONLY | os.O_CLOEXEC)
-    except OSError:
+        d = state.host_dir_fd(state_dir, host)
+        try:
+            fd = state.open_file(d, "lock", os.O_RDONLY, path=state.host_dir(state_dir, host) / "lock")
+        finally:
+            os.close(d)
+    except (OSError, state.StateError):
         return False
     try:
         fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
@@ -150,7 +158,7 @@ def host_status(cfg: Config, host: str, *, now: float, enabled: bool, in_meshes:
         health = "no data"
     else:
         health = "ok"
-    backfills = [r.get("end") for r in runs["runs"] if not history.is_regular(r)]
+    backfills = [r.get("end") for r in runs["runs"] if history.is_backfill(r)]
     return HostStatus(
         host=host, health=health, enabled=enabled, in_meshes=in_meshes,
         running=_running(sd, host),
@@ -164,6 +172,8 @@ def host_status(cfg: Config, host: str, *, now: float, enabled: bool, in_meshes:
         messages_24h=sum(int(r.get("messages") or 0) for r in day),
         newest=newest, lag=lag, lag_alarm=alarm, failures=failures, next_run=next_run,
         last_backfill=backfills[-1] if backfills else None,
+        unroutable=metrics.unroutable(last) if last else {},
+        skipped_24h=sum(1 for r in day if history.is_skipped(r)),
     )
 
 
@@ -268,6 +278,10 @@ def render_text(ov: Overview, colour: bool = False) -> str:
     if failing:
         lines.append("")
         lines += [f"{h.host}: {h.error or f'exit status {h.status}'}" for h in failing]
+    dropped = [h for h in ov.hosts if h.unroutable]
+    if dropped:
+        lines.append("")
+        lines += [unroutable_line(h) for h in dropped]
     c = ov.counts()
     parts = [f"{c[k]} {k}" for k in HEALTH_ORDER if c[k]]
     alarm = {span(h.lag_alarm) for h in ov.hosts} or {"-"}
@@ -280,6 +294,14 @@ def render_text(ov: Overview, colour: bool = False) -> str:
         summary += "; no sync has run"
     lines += ["", summary]
     return "\n".join(lines)
+
+
+def unroutable_line(h: HostStatus) -> str:
+    """``ps.x: 12 messages unroutable (perfsonar.raw.histogram-ttl: 12)``, most first."""
+    keys = sorted(h.unroutable.items(), key=lambda kv: (-kv[1], kv[0]))
+    n = sum(h.unroutable.values())
+    return (f"{h.host}: {n} message{'s' if n != 1 else ''} unroutable ("
+            + ", ".join(f"{k}: {v}" for k, v in keys) + ")")
 
 
 def to_json(ov: Overview) -> dict[str, Any]:

@@ -11,11 +11,15 @@ from test_status import DOWN_HOST, LAG_HOST, OK_HOST, make_world, sim, write_cfg
 
 from psprobe import config, history, metrics, runner, state, sync, units
 
-SAMPLE = re.compile(r'^([a-z_]+)(\{host="([^"]+)"\})? (-?[0-9.e+]+)$')
+LABEL = r'"((?:[^"\\]|\\.)*)"'  # a label value, escapes included
+SAMPLE = re.compile(rf'^([a-z_]+)(\{{host="([^"]+)"((?:,[a-z_]+={LABEL})*)\}})? (?P<v>-?[0-9.e+]+)$')
 
 
-def parse(text: str) -> dict[tuple[str, str | None], float]:
-    """Samples of a file, checking the exposition format line by line on the way."""
+def parse(text: str) -> dict[tuple, float]:
+    """Samples of a file, checking the exposition format line by line on the way.
+
+    Keyed (name, host), or (name, host, other label values...) for more labels.
+    """
     out, typed = {}, set()
     for line in text.splitlines():
         if line.startswith("# TYPE "):
@@ -29,7 +33,8 @@ def parse(text: str) -> dict[tuple[str, str | None], float]:
         m = SAMPLE.match(line)
         assert m, line
         assert m.group(1) in typed  # TYPE comes before the samples
-        out[(m.group(1), m.group(3))] = float(m.group(4))
+        more = tuple(re.findall("=" + LABEL, m.group(4) or ""))
+        out[(m.group(1), m.group(3), *more)] = float(m.group("v"))
     assert text.endswith("\n")
     return out
 
@@ -114,13 +119,13 @@ def test_a_reader_never_sees_a_partial_file(tmp_path, monkeypatch):
     d.mkdir()
     metrics.write_atomic(str(d), "x.prom", "old 1\n")
     seen = []
-    real_replace = metrics.os.replace
+    real_replace = state.replace_at
 
-    def replace(src, dst):  # at the moment of the rename: the new text is whole, elsewhere
-        seen.append(((d / "x.prom").read_text(), Path(src).name, Path(src).read_text()))
-        real_replace(src, dst)
+    def replace(dir_fd, src, dst, **kw):  # at the rename: the new text is whole, elsewhere
+        seen.append(((d / "x.prom").read_text(), src, (d / src).read_text()))
+        real_replace(dir_fd, src, dst, **kw)
 
-    monkeypatch.setattr(metrics.os, "replace", replace)
+    monkeypatch.setattr(state, "replace_at", replace)
     metrics.write_atomic(str(d), "x.prom", "new 2\n")
     assert seen == [("old 1\n", seen[0][1], "new 2\n")]
     assert not seen[0][1].endswith(".prom")  # node_exporter ignores the temporary file
@@ -153,3 +158,26 @@ def test_sync_writes_its_metrics_and_drops_removed_hosts(tmp_path):
     assert got[("psprobe_sync_last_success_timestamp_seconds", None)] == 1000
     assert sorted(x.name for x in prom.iterdir()) == ["psprobe_host_a.example.prom", "psprobe_sync.prom"]
     assert units.enabled_hosts(udir) == {"a.example"}
+
+
+def test_unroutable_messages_of_the_last_regular_run_by_routing_key(tmp_path):
+    sd, h = str(tmp_path), "a.example"
+    state.host_dir(sd, h).mkdir(parents=True)
+    ttl, trace = "perfsonar.raw.histogram-ttl", 'perfsonar.raw."odd"'
+    history.record(sd, h, {"end": 10, "status": 0, "unroutable": {"perfsonar.raw.old": 4}})
+    doc = history.record(sd, h, {"end": 20, "status": 0, "unroutable": {ttl: 12, trace: 3}})
+    metrics.write_host(str(tmp_path), h, doc)
+    text = (tmp_path / metrics.host_file(h)).read_text()
+    assert f'psprobe_collect_unroutable_messages{{host="{h}",routing_key="{ttl}"}} 12' in text
+    assert 'routing_key="perfsonar.raw.\\"odd\\""} 3' in text  # label value escaped
+    assert "perfsonar.raw.old" not in text  # only the last run
+    assert "# TYPE psprobe_collect_unroutable_messages gauge" in text
+    assert parse(text)[("psprobe_collect_unroutable_messages", h, ttl)] == 12
+    doc = history.record(sd, h, {"kind": "backfill", "end": 30, "status": 0,
+                                 "unroutable": {ttl: 99}})
+    names = [(n, lab.get("routing_key"), v) for n, lab, v in metrics.host_values(h, doc)
+             if n == "psprobe_collect_unroutable_messages"]
+    assert sorted(names) == [("psprobe_collect_unroutable_messages", trace, 3),
+                             ("psprobe_collect_unroutable_messages", ttl, 12)]
+    doc = history.record(sd, h, {"end": 40, "status": 0})  # none: no sample at all
+    assert "unroutable" not in metrics.render(metrics.HOST_METRICS, metrics.host_values(h, doc))

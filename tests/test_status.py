@@ -221,6 +221,35 @@ def test_running_collect_and_pause_are_shown(tmp_path):
     assert out.startswith("PAUSED since ") and "(2m ago)" in out.splitlines()[0]
 
 
+def test_unroutable_messages_of_the_last_run_are_shown_but_no_alarm(tmp_path):
+    now = time.time()
+    ttl, trace = "perfsonar.raw.histogram-ttl", "perfsonar.raw.packet-trace"
+    conf = prepared(tmp_path, now, {
+        "a.example": {"runs": [run(now - 600, unroutable={trace: 9}),
+                               run(now - 60, unroutable={ttl: 12, trace: 3})],
+                      "newest": int(now - 100)},
+        "b.example": {"runs": [run(now - 600, unroutable={ttl: 1}), run(now - 60)],
+                      "newest": int(now - 100)},  # only the last run counts
+        "c.example": {"runs": [run(now - 60, unroutable={ttl: 1}),
+                               run(now - 30, kind="backfill", unroutable={trace: 5})],
+                      "newest": int(now - 100)},  # the last regular run, not a backfill
+        "d.example": {"runs": [run(now - 60, unroutable={ttl: "x", trace: -1, "k": True})],
+                      "newest": int(now - 100)},  # damaged values read as none
+    })
+    r = cli(conf, "status")
+    assert r.exit_code == 0, r.output  # a warning, not a failure
+    lines = r.stdout.splitlines()
+    assert f"a.example: 15 messages unroutable ({ttl}: 12, {trace}: 3)" in lines
+    assert f"c.example: 1 message unroutable ({ttl}: 1)" in lines
+    assert not any(ln.startswith(("b.example: ", "d.example: ")) for ln in lines)
+    assert lines[-1].startswith("4 hosts: 4 ok")
+    js = json.loads(cli(conf, "status", "--json").stdout)
+    by_host = {h["host"]: h for h in js["hosts"]}
+    assert by_host["a.example"]["unroutable"] == {ttl: 12, trace: 3}
+    assert by_host["b.example"]["unroutable"] == {} == by_host["d.example"]["unroutable"]
+    assert js["alarm"] is False
+
+
 def test_no_state_at_all(tmp_path):
     conf = write_cfg(tmp_path, "unused")
     r = cli(conf, "status")
