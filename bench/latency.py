@@ -140,7 +140,58 @@ def main() -> int:
           f"at parallel {DEFAULT}: {sd['tls_handshakes'] - sd['tls_resumed']} (the other "
           f"connections resume its session)")
     far_broker()
+    look_back()
     return 0
+
+
+def look_back() -> None:
+    """The cost of [collect] late_window: the steady run, then the same run as a look-back.
+
+    Once per late_window / 2 a run re-reads each series from the last look-back's
+    time - late_window and sends only what it had not sent; here the last look-back
+    is moved late_window / 2 into the past (time passing), so the second run is one.
+    """
+    import json
+
+    window = config.Collect().late_window
+    print(f"\nthe steady run, then a look-back run ([collect] late_window = {window / 3600:g} h, "
+          f"every {window / 7200:g} h), parallel {DEFAULT}")
+    print(f"{'run':<24} {'wall':>7} {'CPU':>6} {'requests':>13} {'messages':>9}")
+    with tempfile.TemporaryDirectory(prefix="psprobe-bench-") as d:
+        pki = make_pki(Path(d) / "pki")
+        with EsmondSim("127.0.0.1", 0, tls=(str(pki.server_cert),
+                                           str(pki.server_key))) as sim:
+            recs = world(sim, int(time.time()), room=2)
+            sim.set_latency(LATENCY)
+            ex = Exchange("latency")
+            state = Path(d) / "look"
+            try:
+                conf = write_config(Path(d) / "look.conf", {
+                    "collect": {"state_dir": state, "max_concurrent": 0},
+                    "archive": {"schemes": "https", "verify": pki.ca},
+                    "broker": {"url": "amqp://guest:guest@127.0.0.1:5672/%2F",
+                               "exchange": ex.name},
+                })
+                collect(sim, conf)
+                rows, seen = [], ex.count()
+                advance(sim, recs, False)
+                rows.append(("steady (5 min)", collect(sim, conf), ex.count() - seen))
+                seen = ex.count()
+                cpf = next(state.glob("hosts/*/checkpoint.json"))
+                doc = json.loads(cpf.read_text())
+                doc["swept"] -= window / 2
+                cpf.write_text(json.dumps(doc))
+                advance(sim, recs, False)
+                rows.append(("steady + look-back", collect(sim, conf), ex.count() - seen))
+                size = cpf.stat().st_size
+            finally:
+                ex.close()
+    for label, r, sent in rows:
+        print(f"{label:<24} {r['wall']:>6.2f}s {r['cpu']:>5.2f}s {r['meta']:>4} + {r['data']:>4}"
+              f"  {sent:>8}")
+    (_, a, _), (_, b, _) = rows
+    print(f"look-back / steady: wall {b['wall'] / a['wall']:.2f}x, CPU {b['cpu'] / a['cpu']:.2f}x "
+          f"(once per {window / 7200:g} h); checkpoint.json with what was sent: {size / 1024:.0f} KiB")
 
 
 def far_broker() -> None:

@@ -3,9 +3,12 @@
 The archive is untrusted input.  Everything it says is checked before it is
 used: a data URL must be a path below the archive's own read URL on the same
 origin (no ``..``, no query, no other host), timestamps must be integers, and
-an answer larger than ``[archive] max_answer_mb`` or slower than four times
-``timeout`` in total is abandoned.  Every failure is an :class:`ArchiveError`
-whose text is one line naming the URL.
+an answer larger than ``[archive] max_answer_mb`` is abandoned.  So is a
+request not done within four times ``timeout`` from the start of the connect to
+the answer's last byte, however steadily the bytes trickle in (a socket timeout
+alone restarts at every byte), and anything past :attr:`Archive.deadline`, the
+run's own limit: no request, retry or pause between tries goes past it.  Every
+failure is an :class:`ArchiveError` whose text is one line naming the URL.
 """
 
 from __future__ import annotations
@@ -77,6 +80,9 @@ class Archive:
         self.scheme: str | None = None  # set once an answer came back
         self.base = ""  # read URL in use
         self.requests = 0
+        # A time.monotonic() value (the run's deadline, set by the caller) past which
+        # no request runs and no retry waits; None: only each request's own limit.
+        self.deadline: float | None = None
         self._ssl: ssl.SSLContext | None = None
         self._pools: dict[str, fetch.Pool] = {}  # by origin
 
@@ -121,6 +127,8 @@ class Archive:
         """GET and decode one answer, retrying what may pass (timeouts, 5xx)."""
         attempts = self.settings.retries + 1
         for attempt in range(attempts):
+            if self.deadline is not None and time.monotonic() >= self.deadline:
+                raise ArchiveError(f"{url}: run deadline reached")
             try:
                 return self._get_once(url, params)
             except (_Transient, _Connect) as e:
@@ -129,11 +137,12 @@ class Archive:
                 # restarting) it passes like a timeout and is worth another try.
                 first_contact = isinstance(e, _Connect) and self.scheme is None
                 if isinstance(e, _TLS) or first_contact or attempt + 1 >= attempts:
-                    if isinstance(e, _Connect):
-                        raise
-                    raise ArchiveError(str(e)) from None
+                    raise  # its class says what failed (unreachable() reads it)
+                pause = min(0.5 * 2**attempt, 5.0)
+                if self.deadline is not None and time.monotonic() + pause >= self.deadline:
+                    raise ArchiveError(f"{e} (run deadline reached: not retried)") from None
                 log.debug("retrying %s: %s", url, e)
-                time.sleep(min(0.5 * 2**attempt, 5.0))
+                time.sleep(pause)
         raise AssertionError("unreachable")
 
     def _get_once(self, url: str, params: dict[str, Any]) -> Any:
@@ -143,20 +152,27 @@ class Archive:
         where = f"{u.scheme}://{u.netloc}{target}"
         pool = self._pool(f"{u.scheme}://{u.netloc}")
         self.requests += 1
+        # The whole request (connect, TLS, proxy tunnel, status, headers, body) ends by
+        # then, however slowly its bytes come: 4 x timeout, or the run's deadline if sooner.
+        deadline = own = time.monotonic() + 4 * s.timeout
+        if self.deadline is not None:
+            deadline = min(own, self.deadline)
+        capped = deadline < own
         try:
-            ans = pool.get(target, int(s.max_answer_mb * 1024 * 1024),
-                           time.monotonic() + 4 * s.timeout)
+            ans = pool.get(target, int(s.max_answer_mb * 1024 * 1024), deadline)
         except fetch.TLSFailed as e:
             raise _TLS(f"{url}: TLS failed: {_reason(e)}") from None
         except fetch.ConnectFailed as e:
             via = f" through proxy {fetch.no_userinfo(pool.proxy)}" if pool.proxy else ""
             raise _Connect(f"{url}: cannot connect{via}: {_reason(e)}") from None
         except fetch.TimedOut:
-            raise _Transient(f"{url}: no answer within {s.timeout:g}s") from None
+            raise _TimedOut(f"{url}: no answer within {s.timeout:g}s") from None
         except fetch.TooLarge:
             raise ArchiveError(f"{where}: answer larger than {s.max_answer_mb:g} MB") from None
         except fetch.TooSlow:
-            raise _Transient(f"{where}: answer took longer than {4 * s.timeout:g}s") from None
+            if capped:
+                raise ArchiveError(f"{where}: run deadline reached before the answer") from None
+            raise _TimedOut(f"{where}: answer took longer than {4 * s.timeout:g}s") from None
         except fetch.Broken as e:
             raise _Transient(f"{url}: {_reason(e)}") from None
         if ans.status != 200:
@@ -289,24 +305,57 @@ class Archive:
         ``limit``.  Points outside the window are dropped (the next run asks
         again), duplicates dropped, disorder sorted; a point without an integer
         ``ts`` makes the page an error, because skipping it could lose data.
+
+        A full page is trusted to hold the window's earliest points only when it
+        came in time order (esmond sorts, then limits).  A full page out of order
+        comes from an archive that limits first: its points may be any of the
+        window's, so going on past its newest would skip the others.  Then the
+        window is halved (``time-end``) until an answer is not full -- such an
+        answer holds every point of its window, whatever their order -- and the
+        series goes on window by window, each sized from the last one's count,
+        never past a point not seen; no full page of it is trusted any more.  A
+        one-second window still full is an error (more than ``limit`` points at
+        one timestamp).
         """
         limit = self.settings.page_points
+        width = 0  # > 0: windows of this many seconds (the archive limits before sorting)
         while start <= end:
-            params = {"time-start": start, "time-end": end, "limit": limit}
+            stop = min(end, start + width - 1) if width else end
+            params = {"time-start": start, "time-end": stop, "limit": limit}
             page = self.get_json(pair.url, params)
             if not isinstance(page, list):
                 raise ArchiveError(f"{pair.url}: data answer is {_kind(page)}, not a list")
-            pts = _checked(page, pair.url, start, end)
+            pts, ordered = _checked(page, pair.url, start, stop)
             full = len(page) >= limit
             # Nothing of the page stays alive here while the caller waits for the
             # broker: it may clear() what it got (collect does) to free the values.
             del page
+            if full and (width or not ordered):
+                del pts  # any points of [start, stop]: not "the earliest", not to be trusted
+                if stop <= start:
+                    raise ArchiveError(
+                        f"{pair.url}: the one-second window at ts {start} still came back "
+                        f"full (limit {limit}) from an archive that limits before sorting: "
+                        f"cannot page past it")
+                if not width:
+                    log.warning("%s: a full page came back out of time order (the archive "
+                                "limits before sorting?): reading windows narrow enough to "
+                                "come back whole", pair.url)
+                width = (stop - start + 1) // 2
+                continue
             last = pts[-1][0] if pts else None
+            n = len(pts)
             if pts:
                 yield pts
                 del pts
             if not full:
-                return
+                if stop >= end:
+                    return
+                # Every point of [start, stop] seen: on to the next window, sized for
+                # about 3/4 of a page at the density just seen (at most 4 times wider).
+                start = stop + 1
+                width = max(1, min(4 * width, width * 3 * limit // (4 * max(n, 1))))
+                continue
             if last is None:
                 raise ArchiveError(f"{pair.url}: full page with no point in the window")
             start = last + 1
@@ -330,13 +379,16 @@ def _fast(page: list, start: int, end: int) -> list[tuple[int, Any]] | None:
     return out
 
 
-def _checked(page: list, url: str, start: int, end: int) -> list[tuple[int, Any]]:
+def _checked(page: list, url: str, start: int, end: int) -> tuple[list[tuple[int, Any]], bool]:
+    """The page's points in the window, ascending, one per ts; and whether they came
+    in time order (repeated timestamps allowed)."""
     fast = _fast(page, start, end)
     if fast is not None:
-        return fast
+        return fast, True
     out = []
     last = None
-    ordered = True
+    ordered = True  # strictly ascending: nothing to sort or drop
+    ascending = True  # in time order, maybe with repeats
     for p in page:
         try:
             ts, val = p["ts"], p["val"]
@@ -347,6 +399,7 @@ def _checked(page: list, url: str, start: int, end: int) -> list[tuple[int, Any]
         if start <= ts <= end:
             if last is not None and ts <= last:
                 ordered = False
+                ascending = ascending and ts == last
             last = ts
             out.append((ts, val))
     if len(out) < len(page):
@@ -356,11 +409,15 @@ def _checked(page: list, url: str, start: int, end: int) -> list[tuple[int, Any]
         out = sorted(dict(out[::-1]).items())  # first value of each ts wins
         if len(out) < n:
             log.warning("%s: dropped %d duplicate timestamp(s)", url, n - len(out))
-    return out
+    return out, ascending
 
 
 class _Transient(ArchiveError):
     """Worth another try: timeout, 5xx."""
+
+
+class _TimedOut(_Transient):
+    """No answer, or no whole answer, in time."""
 
 
 class _Connect(ArchiveError):
@@ -408,3 +465,8 @@ def _reason(e: Exception) -> str:
         if m:
             return m.group(1).strip()
     return text.split(":")[-1].strip()[:160] or type(e).__name__
+
+
+def unreachable(e: ArchiveError) -> bool:
+    """No connection, or no answer in time: what an archive that is gone gives."""
+    return isinstance(e, (_Connect, _TimedOut))

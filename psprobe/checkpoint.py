@@ -20,8 +20,10 @@ nothing and resends at most what was confirmed after the copy was taken.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
+import fnmatch
 import json
 import logging
 import os
@@ -37,8 +39,12 @@ JOURNAL = "checkpoint.journal"
 log = logging.getLogger("psprobe.checkpoint")
 
 
-class StateError(Exception):
-    """The state directory cannot be used; one line naming the path."""
+StateError = state.StateError  # its home is psprobe.state (a refused link is one too)
+
+
+def _failed(path: object, what: str, e: OSError) -> StateError:
+    """The one line for an OSError on ``path``; a refused path (a link...) says so itself."""
+    return e if isinstance(e, state.Refused) else StateError(f"{path}: {what}: {e.strerror}")
 
 
 @dataclass
@@ -46,9 +52,22 @@ class Checkpoint:
     path: Path
     pairs: dict[str, int] = field(default_factory=dict)
     scheme: str | None = None  # the archive scheme that worked last
+    # What was sent lately, for the look-back of late points ([collect] late_window):
+    # per pair, the first ts from which the list is complete, then the sent ts.
+    recent: dict[str, tuple[int, list[int]]] = field(default_factory=dict)
+    swept: float | None = None  # wall time of the last complete look-back
+    routed: set[str] = field(default_factory=set)  # routing keys that ever reached a queue
+    horizon: int = field(default=0, repr=False, compare=False)  # remember() keeps ts >= it
     _dirfd: int | None = field(default=None, repr=False, compare=False)
     _journal: int | None = field(default=None, repr=False, compare=False)
     _unsynced: bool = field(default=False, repr=False, compare=False)
+    _root: str | None = field(default=None, repr=False, compare=False)  # the state dir
+
+    def _dir(self) -> int:
+        """The host directory's fd: opened once, never through a link below the state dir."""
+        if self._dirfd is None:
+            self._dirfd = state.dir_fd(self.path, self._root)
+        return self._dirfd
 
     def get(self, pair: str) -> int | None:
         return self.pairs.get(pair)
@@ -65,14 +84,44 @@ class Checkpoint:
             line = f"{pair} {ts}\n".encode()
             try:
                 if self._journal is None:
-                    self._journal = os.open(self.path.with_name(JOURNAL), os.O_WRONLY
-                                            | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
+                    self._journal = state.open_file(
+                        self._dir(), JOURNAL, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640,
+                        path=self.path.with_name(JOURNAL))
                     self._sync_dir()  # the journal's name must survive a crash too
                 os.write(self._journal, line)
             except OSError as e:
-                raise StateError(f"{self.path.with_name(JOURNAL)}: cannot write checkpoint: "
-                                 f"{e.strerror}") from None
+                raise _failed(self.path.with_name(JOURNAL), "cannot write checkpoint", e) from None
             self._unsynced = True
+
+    def seen(self, pair: str) -> tuple[int, frozenset[int]]:
+        """(first ts the record is complete from, timestamps sent since) for ``pair``.
+
+        A pair with no record yet (a new install, an upgrade) is complete from just
+        after its checkpoint: nothing behind it is known to have been sent.
+        """
+        floor, stamps = self.recent.get(pair, (self.pairs.get(pair, -1) + 1, []))
+        return floor, frozenset(stamps)
+
+    def remember(self, pair: str, floor: int, stamps: list[int]) -> None:
+        """Confirmed timestamps of ``pair``; ``floor`` opens the record of a new pair."""
+        if stamps[-1] < self.horizon:
+            return
+        if stamps[0] < self.horizon:
+            stamps = [t for t in stamps if t >= self.horizon]
+        rec = self.recent.get(pair)
+        if rec is None:
+            self.recent[pair] = (floor, list(stamps))
+        else:
+            rec[1].extend(stamps)
+
+    def forget_before(self, horizon: int) -> None:
+        """Keep only what the next look-back can reach: ts >= ``horizon``."""
+        for pair, (floor, stamps) in list(self.recent.items()):
+            kept = sorted({t for t in stamps if t >= horizon})
+            if not kept and self.pairs.get(pair, -1) < horizon:
+                del self.recent[pair]  # idle series: its record starts again at its checkpoint
+            else:
+                self.recent[pair] = (max(floor, horizon), kept)
 
     def sync(self) -> None:
         """One fdatasync for the lines since the last: a flush per batch of confirms."""
@@ -85,39 +134,53 @@ class Checkpoint:
             self._unsynced = False
 
     def _sync_dir(self) -> None:
-        if self._dirfd is None:
-            self._dirfd = os.open(self.path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        os.fsync(self._dirfd)
+        os.fsync(self._dir())
 
     def save(self, path: Path | None = None) -> None:
         """Temp file, fsync, rename, fsync of the directory: old or new, never torn.
 
         This runs after every confirmed message, so it is the lean form of
         :func:`psprobe.state.write_json_atomic`: a fixed temp name (safe, the
-        host's lock is held) and raw os calls.
+        host's lock is held; removed first, then created with O_EXCL) and raw os
+        calls relative to the host directory, none of them through a link.
         """
         path = path or self.path
-        data = json.dumps({"version": VERSION, "scheme": self.scheme, "pairs": self.pairs},
-                          separators=(",", ":"), sort_keys=True).encode()
-        tmp = path.with_name(f".{path.name}.tmp")
+        doc = {"version": VERSION, "scheme": self.scheme, "pairs": self.pairs}
+        if self.routed:
+            doc["routed"] = sorted(self.routed)
+        if self.swept is not None:
+            doc["swept"] = round(self.swept, 3)
+            doc["recent"] = {p: _deltas(f, ts) for p, (f, ts) in self.recent.items()}
+        data = json.dumps(doc, separators=(",", ":"), sort_keys=True).encode()
+        tmp = f".{path.name}.tmp"
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o640)
+            d = self._dir()
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp, dir_fd=d)  # a killed run's (or a planted link: never followed)
+            fd = state.open_file(d, tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640,
+                                 path=path.with_name(tmp))
             try:
                 os.write(fd, data)
                 os.fsync(fd)
             finally:
                 os.close(fd)
-            os.replace(tmp, path)
+            state.replace_at(d, tmp, path.name, path=path)
             self._sync_dir()
             if path == self.path:  # the snapshot now holds what the journal said
-                journal = path.with_name(JOURNAL)
                 if self._journal is not None:
                     os.ftruncate(self._journal, 0)
                     os.fsync(self._journal)
-                elif journal.exists():
-                    os.truncate(journal, 0)
+                else:
+                    try:
+                        jfd = state.open_file(d, JOURNAL, os.O_WRONLY, path=path.with_name(JOURNAL))
+                    except FileNotFoundError:
+                        return
+                    try:
+                        os.ftruncate(jfd, 0)
+                    finally:
+                        os.close(jfd)
         except OSError as e:
-            raise StateError(f"{path}: cannot write checkpoint: {e.strerror}") from None
+            raise _failed(path, "cannot write checkpoint", e) from None
 
     def close(self) -> None:
         for fd in (self._dirfd, self._journal):
@@ -132,15 +195,25 @@ class Checkpoint:
         take the host's lock.
         """
         n = 0
-        d = self.path.parent
-        for p in [*d.glob(".checkpoint*.tmp"), *d.glob(".history.json.*.tmp")]:
+        try:
+            d = self._dir()
+            names = os.listdir(d)
+        except FileNotFoundError:
+            return 0
+        except OSError as e:
+            raise _failed(self.path.parent, "cannot read", e) from None
+        for name in sorted(names):
+            if not (fnmatch.fnmatchcase(name, ".checkpoint*.tmp")
+                    or fnmatch.fnmatchcase(name, ".history.json.*.tmp")):
+                continue
             try:
-                p.unlink()
+                os.unlink(name, dir_fd=d)  # a link is removed itself, never followed
                 n += 1
             except FileNotFoundError:
                 pass
             except OSError as e:
-                log.warning("%s: cannot remove a stale temp file: %s", p, e.strerror)
+                log.warning("%s: cannot remove a stale temp file: %s", self.path.parent / name,
+                            e.strerror)
         return n
 
     def keep_copy(self) -> None:
@@ -150,9 +223,9 @@ class Checkpoint:
             self.save(self.path.with_name(COPY))
 
 
-def _parse(path: Path) -> Checkpoint | None:
-    """The checkpoint in ``path`` (None if missing); ValueError if damaged."""
-    data = state.read_json(path, default=None)
+def _parse(path: Path, dfd: int) -> Checkpoint | None:
+    """The checkpoint in ``path`` (None if missing), read in ``dfd``; ValueError if damaged."""
+    data = state.read_json_at(dfd, path.name, None, path=path)
     if data is None:
         return None
     pairs = data.get("pairs") if isinstance(data, dict) else None
@@ -161,7 +234,34 @@ def _parse(path: Path) -> Checkpoint | None:
     ):
         raise ValueError(f"{path}: checkpoint has the wrong shape")
     scheme = data.get("scheme")
-    return Checkpoint(path, dict(pairs), scheme if scheme in ("http", "https") else None)
+    cp = Checkpoint(path, dict(pairs), scheme if scheme in ("http", "https") else None)
+    routed = data.get("routed")
+    if isinstance(routed, list):
+        cp.routed = {k for k in routed if isinstance(k, str)}
+    swept, recent = data.get("swept"), data.get("recent")
+    if isinstance(swept, (int, float)) and not isinstance(swept, bool) and isinstance(recent, dict):
+        cp.swept = float(swept)
+        for p, d in recent.items():
+            if isinstance(d, list) and d and all(type(x) is int for x in d):
+                cp.recent[p] = _undeltas(d)
+    return cp
+
+
+def _deltas(floor: int, stamps: list[int]) -> list[int]:
+    """``[floor, first - floor, second - first, ...]``: a few digits a point, not ten."""
+    out, prev = [floor], floor
+    for t in stamps:
+        out.append(t - prev)
+        prev = t
+    return out
+
+
+def _undeltas(d: list[int]) -> tuple[int, list[int]]:
+    floor, prev, out = d[0], d[0], []
+    for x in d[1:]:
+        prev += x
+        out.append(prev)
+    return floor, out
 
 
 def load(state_dir: str, host: str) -> Checkpoint:
@@ -170,21 +270,36 @@ def load(state_dir: str, host: str) -> Checkpoint:
     A damaged one is replaced by the copy of the end of the last run (kept
     as ``checkpoint.json.damaged`` for the operator, with a warning).  With no
     usable copy it is an error: guessing a position could skip data (gaps) or
-    resend days of it.
+    resend days of it.  A link where a state file of the host belongs
+    (:data:`psprobe.state.HOST_FILES`) stops the run here, before it touches
+    anything (:func:`psprobe.state.check_host_files`: one line naming it).
     """
     path = state.host_dir(state_dir, host) / "checkpoint.json"
-    return _replay(_snapshot(path))
+    try:
+        dfd = state.host_dir_fd(state_dir, host)
+    except FileNotFoundError:
+        return Checkpoint(path, _root=str(state_dir))  # nothing yet (a first dry run)
+    except OSError as e:
+        raise _failed(e.filename, "cannot read checkpoint", e) from None
+    try:
+        state.check_host_files(dfd, path.parent)
+        cp = _snapshot(path, dfd)
+        cp._dirfd, cp._root = dfd, str(state_dir)
+        return _replay(cp)
+    except BaseException:
+        os.close(dfd)
+        raise
 
 
 def _replay(cp: Checkpoint) -> Checkpoint:
     """Apply the journal's confirmed positions (appended since the snapshot) to ``cp``."""
     journal = cp.path.with_name(JOURNAL)
     try:
-        raw = journal.read_bytes()
-    except FileNotFoundError:
-        return cp
+        raw = state.read_at(cp._dir(), JOURNAL, path=journal)
     except OSError as e:
-        raise StateError(f"{journal}: cannot read checkpoint: {e.strerror}") from None
+        raise _failed(journal, "cannot read checkpoint", e) from None
+    if raw is None:
+        return cp
     for n, line in enumerate(raw.split(b"\n")[:-1], 1):  # the last piece is torn or empty
         try:
             pair, ts_text = line.decode().split(" ")
@@ -197,55 +312,90 @@ def _replay(cp: Checkpoint) -> Checkpoint:
     return cp
 
 
-def _snapshot(path: Path) -> Checkpoint:
+def _snapshot(path: Path, dfd: int) -> Checkpoint:
     """The checkpoint file, or the copy of the end of the last run if it is damaged."""
     try:
-        cp = _parse(path)
+        cp = _parse(path, dfd)
         return cp if cp is not None else Checkpoint(path)
     except OSError as e:
-        raise StateError(f"{path}: cannot read checkpoint: {e.strerror}") from None
+        raise _failed(path, "cannot read checkpoint", e) from None
     except ValueError as e:
         damage = str(e)
     try:
-        copy = _parse(path.with_name(COPY))
+        copy = _parse(path.with_name(COPY), dfd)
     except (OSError, ValueError):
         copy = None
     if copy is None:
         raise StateError(f"{damage}; no usable {COPY} either: move it aside to start from "
                          "[collect] first_run_lookback") from None
     try:
-        os.replace(path, path.with_name(path.name + ".damaged"))
+        state.replace_at(dfd, path.name, path.name + ".damaged",
+                         path=path.with_name(path.name + ".damaged"))
     except OSError as e:
+        if isinstance(e, state.Refused):
+            raise
         raise StateError(f"{damage}; cannot move it aside: {e.strerror}") from None
     log.warning("%s; resuming from %s (the end of the last run), kept the damaged file as "
                 "%s.damaged", damage, COPY, path.name)
-    return Checkpoint(path, copy.pairs, copy.scheme)
+    return Checkpoint(path, copy.pairs, copy.scheme, copy.recent, copy.swept, copy.routed)
+
+
+HOLDERS = ("collect", "backfill")  # what a host's lock file may say holds it
 
 
 class Busy(Exception):
-    """Another process holds the lock."""
+    """Another process holds the lock; ``holder`` is its kind (from the file) when known."""
+
+    def __init__(self, path: str, holder: str | None = None) -> None:
+        super().__init__(path)
+        self.holder = holder
+
+
+def _holder(fd: int) -> str | None:
+    """The kind written in a held lock file (``<kind> <pid>``), if it is one of HOLDERS."""
+    try:
+        word = os.pread(fd, 64, 0).split(b"\n", 1)[0].split(b" ", 1)[0].decode("ascii")
+    except (OSError, UnicodeDecodeError):
+        return None
+    return word if word in HOLDERS else None
 
 
 class Lock:
-    """An exclusive, non-blocking flock(2) on a file; released when the process dies."""
+    """An exclusive, non-blocking flock(2) on a file; released when the process dies.
 
-    def __init__(self, path: Path) -> None:
-        self.path = path
+    With a ``kind``, the holder writes ``<kind> <pid>`` into the file, so that
+    one finding it held can say who holds it (:attr:`Busy.holder`).  The file
+    is never opened through a link; with ``root`` (the state directory) no
+    directory below it is followed either, and missing ones are made.
+    """
+
+    def __init__(self, path: Path, kind: str | None = None, *, root: str | None = None) -> None:
+        self.path, self.kind, self.root = Path(path), kind, root
         self.fd: int | None = None
 
     def __enter__(self) -> Lock:
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o640)
+            d = state.dir_fd(self.path, self.root, create=True)
+            try:
+                fd = state.open_file(d, self.path.name, os.O_RDWR | os.O_CREAT, 0o640,
+                                     path=self.path)
+            finally:
+                os.close(d)
         except OSError as e:
-            raise StateError(f"{self.path}: cannot open lock: {e.strerror}") from None
+            raise _failed(self.path, "cannot open lock", e) from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:
+            holder = _holder(fd)
             os.close(fd)
             if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                raise Busy(str(self.path)) from None
+                raise Busy(str(self.path), holder) from None
             raise StateError(f"{self.path}: cannot lock: {e.strerror}") from None
+        if self.kind:
+            rec = f"{self.kind} {os.getpid()}\n".encode()
+            with contextlib.suppress(OSError):  # who holds it is for messages only
+                os.pwrite(fd, rec, 0)
+                os.ftruncate(fd, len(rec))
         self.fd = fd
         return self
 
@@ -255,15 +405,23 @@ class Lock:
             self.fd = None
 
 
-def host_lock(state_dir: str, host: str) -> Lock:
-    return Lock(state.host_dir(state_dir, host) / "lock")
+def host_lock(state_dir: str, host: str, kind: str = "collect") -> Lock:
+    """The host's run lock, taken by a ``kind`` of run (one of HOLDERS)."""
+    return Lock(state.host_dir(state_dir, host) / "lock", kind, root=state_dir)
 
 
 def peek(state_dir: str, host: str) -> dict[str, int]:
     """The confirmed positions, read only (for status): no fallback, no renaming."""
     path = state.host_dir(state_dir, host) / "checkpoint.json"
     try:
-        cp = _parse(path) or Checkpoint(path)
+        dfd = state.host_dir_fd(state_dir, host)
+    except OSError:
+        return {}
+    try:
+        cp = _parse(path, dfd) or Checkpoint(path)
+        cp._dirfd = dfd
         return _replay(cp).pairs
     except (OSError, ValueError, StateError):
         return {}
+    finally:
+        os.close(dfd)

@@ -8,6 +8,8 @@ minutes).
 from __future__ import annotations
 
 import logging
+import os
+import signal
 import sys
 
 import click
@@ -93,7 +95,35 @@ def collect(ctx: click.Context, host: str, dry_run: bool) -> None:
 
         # Already held when bin/psprobe took it before the imports.
         slots.hold(cfg.collect.runtime_dir, cfg.collect.max_concurrent)
-    sys.exit(runner.collect_host(cfg, h, dry_run=dry_run))
+    got = _stop_on_signals()
+    status = runner.collect_host(cfg, h, dry_run=dry_run)
+    if got:  # recorded: now end as the signal asked, without waiting for fetch threads
+        sys.stderr.flush()
+        signal.signal(got[0], signal.SIG_DFL)
+        os.kill(os.getpid(), got[0])
+    sys.exit(status)
+
+
+def _stop_on_signals() -> list[int]:
+    """SIGTERM (systemctl stop, pause -f, TimeoutStartSec) and SIGINT end the run as a
+    failure with its reason on record; returns the list the signal's number goes in.
+
+    A second signal is ignored while the run records itself (systemd's
+    TimeoutStopSec still bounds that with SIGKILL).
+    """
+    from psprobe.collect import Stopped
+
+    got: list[int] = []
+
+    def stop(signum: int, _frame: object) -> None:
+        for s in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(s, signal.SIG_IGN)
+        got.append(signum)
+        raise Stopped(signal.Signals(signum).name)
+
+    for s in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(s, stop)
+    return got
 
 
 

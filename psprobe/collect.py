@@ -13,13 +13,13 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
 from psprobe import state
-from psprobe.archive import Archive, ArchiveError, Pair
+from psprobe.archive import Archive, ArchiveError, Pair, unreachable
 from psprobe.checkpoint import Checkpoint, StateError
 from psprobe.config import Config, ConfigError
 from psprobe.messages import Encoder, Message, meta_for
@@ -29,6 +29,14 @@ log = logging.getLogger("psprobe.collect")
 
 # Exit statuses, also documented in the README.
 OK, ARCHIVE_FAILED, CONFIG_ERROR, BROKER_FAILED, STATE_FAILED = 0, 1, 2, 3, 4
+STOPPED = 143  # 128 + SIGTERM: stopped from outside (systemctl stop, TimeoutStartSec)
+
+
+class Stopped(BaseException):
+    """Raised in the main thread by SIGTERM/SIGINT: end the run now, and record why.
+
+    A BaseException, so that no ``except Exception`` on the way swallows it.
+    """
 
 
 @dataclass
@@ -46,6 +54,8 @@ class Result:
     newest: int | None = None  # newest confirmed point over all series
     requests: int = 0
     points_by_type: dict[str, int] = field(default_factory=dict)
+    late: int = 0  # points found behind their series' checkpoint, not sent before
+    unroutable: dict[str, int] = field(default_factory=dict)  # routing key -> returned
 
     @property
     def duration(self) -> float:
@@ -58,7 +68,8 @@ class Result:
 def read_url_of(cfg: Config, host: str) -> str | None:
     """The read URL sync recorded for this host, if any."""
     try:
-        target = state.read_json(state.host_dir(cfg.collect.state_dir, host) / "target.json")
+        target = state.read_json(state.host_dir(cfg.collect.state_dir, host) / "target.json",
+                                 root=cfg.collect.state_dir)
     except ValueError as e:
         log.warning("%s; using the default archive URL", e)
         return None
@@ -83,6 +94,18 @@ def collect(cfg: Config, host: str, outlet: Outlet, cp: Checkpoint, *,
     if move:  # under the host's lock: nobody else is writing these
         cp.sweep()
     arch = Archive(host, a, read_url_of(cfg, host), cp.scheme)
+    arch.deadline = time.monotonic() + c.run_deadline
+    # The look-back for late points: every late_window / 2, from the last look-back's
+    # time - late_window (so a point written up to late_window after its ts is seen
+    # by one of them).  A checkpoint with no record of what was sent starts one.
+    look = None
+    if c.late_window and backfill is None and cp.swept is not None \
+            and res.started - cp.swept >= c.late_window / 2:
+        look = int(cp.swept - c.late_window)
+    # What was sent is kept from where the next look-back can reach (no more: a
+    # backlog of a million points must not be held in memory for it).
+    cp.horizon = int(min(cp.swept or res.started, res.started) - c.late_window) \
+        if c.late_window else 1 << 62
     if a.verify is False:
         log.warning("%s: TLS certificate verification is OFF ([archive] verify = no)", host)
     try:
@@ -90,18 +113,28 @@ def collect(cfg: Config, host: str, outlet: Outlet, cp: Checkpoint, *,
         if backfill:
             since, now_i = backfill
         else:
-            since = min([lookback, *(v + 1 for v in cp.pairs.values())])
+            since = min([lookback, *(v + 1 for v in cp.pairs.values()),
+                         *((look,) if look is not None else ())])
         pairs = list(arch.pairs(arch.metadata(time_start=since), c.event_types))
         res.series = len(pairs)
         if arch.scheme != cp.scheme and move:
             cp.scheme = arch.scheme
             cp.save()
         if backfill:
-            todo = [(p, since) for p in pairs if p.time_updated is None or p.time_updated >= since]
+            todo = [_Todo(p, since) for p in pairs
+                    if p.time_updated is None or p.time_updated >= since]
         else:
-            todo = _plan(pairs, cp, lookback, now_i, host)
+            todo = _plan(pairs, cp, lookback, now_i, host, look)
         res.fetched = len(todo)
         _run(arch, todo, now_i, cfg, outlet, cp if move else None, res, progress)
+        if move and res.status == OK and c.late_window and (look is not None or cp.swept is None):
+            cp.swept = res.started
+        if move and cp.swept is not None:
+            cp.forget_before(int(cp.swept - c.late_window))
+        if move:
+            cp.routed |= getattr(outlet, "routed_keys", set())
+    except Stopped as e:
+        res.status, res.error = STOPPED, f"stopped by {e} before the run was done"
     except ArchiveError as e:
         res.status, res.error = ARCHIVE_FAILED, str(e)
     except BrokerError as e:
@@ -125,19 +158,41 @@ def collect(cfg: Config, host: str, outlet: Outlet, cp: Checkpoint, *,
     return res
 
 
+@dataclass
+class _Todo:
+    """One series to read from ``start``; points at or before ``last`` whose ts is in
+    ``sent`` went out before (the look-back), the others are late arrivals."""
+
+    pair: Pair
+    start: int
+    last: int = -1
+    sent: frozenset[int] = frozenset()
+    floor: int = 0  # where the record of what is sent starts, for a series new to it
+
+
 def _plan(pairs: list[Pair], cp: Checkpoint, lookback: int, now: int,
-          host: str) -> list[tuple[Pair, int]]:
-    """(series, first ts to ask) for the series that can hold new points."""
+          host: str, look: int | None = None) -> list[_Todo]:
+    """The series that can hold new points, each with the first ts to ask.
+
+    ``look``: this run also looks back to that ts for late points, though never
+    before what the record of sent points covers.
+    """
     todo, future = [], 0
     for p in pairs:
         last = cp.get(p.name)
-        start = lookback if last is None else last + 1
-        if start > now:
+        t = _Todo(p, lookback if last is None else last + 1, floor=lookback)
+        if last is not None:
+            t.floor, t.sent = cp.seen(p.name)
+            if look is not None and max(look, t.floor) <= last:
+                t.start, t.last = max(look, t.floor), last
+            else:
+                t.sent = frozenset()
+        if t.start > now:
             future += 1
             continue
-        if p.time_updated is not None and p.time_updated < start:
+        if p.time_updated is not None and p.time_updated < t.start:
             continue  # nothing written since what we already have
-        todo.append((p, start))
+        todo.append(t)
     if future:
         log.warning("%s: %d series have checkpoints in the future: did the clock go back?",
                     host, future)
@@ -147,13 +202,14 @@ def _plan(pairs: list[Pair], cp: Checkpoint, lookback: int, now: int,
 _DONE = object()
 
 
-def _run(arch: Archive, todo: list[tuple[Pair, int]], now: int, cfg: Config, outlet: Outlet,
+def _run(arch: Archive, todo: list[_Todo], now: int, cfg: Config, outlet: Outlet,
          cp: Checkpoint | None, res: Result, progress: Callable[[Result], None] | None) -> None:
     if not todo:
         return
     prefix, chunk = cfg.broker.routing_key_prefix, cfg.collect.chunk_points
     q: queue.Queue = queue.Queue(maxsize=2 * cfg.archive.parallel)
     stop = threading.Event()
+    late: dict[str, int] = {}  # series -> late points found (written by its one thread)
 
     def put(item: Any) -> None:
         while not stop.is_set():
@@ -163,61 +219,115 @@ def _run(arch: Archive, todo: list[tuple[Pair, int]], now: int, cfg: Config, out
             except queue.Full:
                 continue
 
-    def produce(pair: Pair, start: int) -> None:
+    def produce(t: _Todo) -> None:
+        pair = t.pair
         if stop.is_set():
             return
         try:
-            enc = Encoder(meta_for(pair.record, pair.event_type), prefix + pair.event_type)
-            for msg in _messages(arch.points(pair, start, now), enc, chunk):
+            enc = Encoder(meta_for(pair.record, pair.event_type), prefix + pair.event_type,
+                          name=pair.url)
+            pages = arch.points(pair, t.start, now)
+            if t.last >= t.start:
+                pages = _unsent(pages, t, late)
+            for msg, stamps in _messages(pages, enc, chunk):
                 if stop.is_set():
                     return
-                put((pair, msg))
-            put((pair, _DONE))
+                put((t, (msg, stamps)))
+            put((t, _DONE))
         except ArchiveError as e:
-            put((pair, e))
+            put((t, e))
         except Exception as e:  # a bug must not hang the run
-            put((pair, ArchiveError(f"{pair.url}: {type(e).__name__}: {e}")))
+            put((t, ArchiveError(f"{pair.url}: {type(e).__name__}: {e}")))
 
-    with ThreadPoolExecutor(cfg.archive.parallel, thread_name_prefix="fetch") as pool:
-        for pair, start in todo:
-            pool.submit(produce, pair, start)
-        try:
-            _consume(q, len(todo), outlet, cp, res, progress)
-        finally:
-            stop.set()
-            pool.shutdown(wait=True, cancel_futures=True)
+    pool = ThreadPoolExecutor(cfg.archive.parallel, thread_name_prefix="fetch")
+    stopped = False
+    try:
+        for t in todo:
+            pool.submit(produce, t)
+        _consume(q, todo, arch, cfg, outlet, cp, res, progress)
+    except Stopped:
+        stopped = True
+        raise
+    finally:
+        stop.set()
+        # Stopped from outside: the process ends at once (runner), not after the
+        # fetches under way have run into their deadlines.
+        pool.shutdown(wait=not stopped, cancel_futures=True)
+        res.late = sum(late.values())
+        if res.late:
+            log.info("%s: %d late point(s) found behind the checkpoints of %d series",
+                     res.host, res.late, len(late))
 
 
-def _consume(q: queue.Queue, pending: int, outlet: Outlet, cp: Checkpoint | None, res: Result,
+def _unsent(pages: Iterable[list[tuple[int, Any]]], t: _Todo,
+            late: dict[str, int]) -> Iterator[list[tuple[int, Any]]]:
+    """The pages without the points already sent (the look-back reads them again)."""
+    last, sent = t.last, t.sent
+    for page in pages:
+        if page[0][0] > last:  # all new: nothing to look up
+            yield page
+            continue
+        keep = [p for p in page if p[0] > last or p[0] not in sent]
+        n = sum(1 for p in keep if p[0] <= last)
+        if n:
+            late[t.pair.name] = late.get(t.pair.name, 0) + n
+        page.clear()
+        if keep:
+            yield keep
+
+
+def _consume(q: queue.Queue, todo: list[_Todo], arch: Archive, cfg: Config, outlet: Outlet,
+             cp: Checkpoint | None, res: Result,
              progress: Callable[[Result], None] | None) -> None:
     first_error = None
+    pending, gone, give_up = len(todo), 0, cfg.archive.give_up_after
+    deadline = arch.deadline or float("inf")
     while pending:
-        pair, item = q.get()
+        left = deadline - time.monotonic()
+        if left <= 0:
+            res.status = ARCHIVE_FAILED
+            res.error = (f"run deadline of {cfg.collect.run_deadline:g}s ([collect] run_deadline) "
+                         f"reached; {pending} of {res.fetched} series not read")
+            break
+        try:
+            t, item = q.get(timeout=min(left, 1.0))
+        except queue.Empty:
+            continue
         if item is _DONE:
             pending -= 1
+            gone = 0
         elif isinstance(item, ArchiveError):
             pending -= 1
             res.failed += 1
             first_error = first_error or str(item)
             log.error("%s", item)
+            gone = gone + 1 if unreachable(item) else 0
+            if give_up and gone >= give_up and pending:
+                res.status = ARCHIVE_FAILED
+                res.error = (f"archive gone: {gone} series in a row had no connection or no "
+                             f"answer; gave up on the other {pending} of {res.fetched} "
+                             f"([archive] give_up_after); first: {first_error}")
+                break
         else:
-            msg: Message = item
-            outlet.send(msg, functools.partial(_confirmed, pair, msg, cp, res, progress))
+            msg, stamps = item
+            outlet.send(msg, functools.partial(_confirmed, t, msg, stamps, cp, res, progress))
             if cp is not None:  # what that send saw confirmed, on disk in one flush
                 cp.sync()
     outlet.flush()
     if cp is not None:
         cp.sync()
-    if res.failed:
+    if res.failed and res.status == OK:
         res.status = ARCHIVE_FAILED
         res.error = f"{res.failed} of {res.fetched} series could not be read; first: {first_error}"
 
 
-def _confirmed(pair: Pair, msg: Message, cp: Checkpoint | None, res: Result,
+def _confirmed(t: _Todo, msg: Message, stamps: list[int], cp: Checkpoint | None, res: Result,
                progress: Callable[[Result], None] | None) -> None:
     """The broker has ``msg`` (and every message before it): now the checkpoint may move."""
+    pair = t.pair
     if cp is not None:
         cp.advance(pair.name, msg.last_ts)
+        cp.remember(pair.name, t.floor, stamps)
     res.points += msg.points
     res.messages += 1
     res.points_by_type[pair.event_type] = res.points_by_type.get(pair.event_type, 0) + msg.points
@@ -238,12 +348,13 @@ def _messages(pages: Iterable[list[tuple[int, Any]]], enc: Encoder, chunk: int):
         page.clear()
         ready = []
         while len(buf) >= chunk:
-            ready.append(enc.encode(buf[:chunk]))
+            part = buf[:chunk]
+            ready.append((enc.encode(part), [p[0] for p in part]))
             del buf[:chunk]
         while ready:
             yield ready.pop(0)
     if buf:
-        yield enc.encode(buf)
+        yield enc.encode(buf), [p[0] for p in buf]
 
 
 def summary(res: Result) -> str:
@@ -254,5 +365,7 @@ def summary(res: Result) -> str:
         f" series={res.series} fetched={res.fetched} failed={res.failed}"
         f" points={res.points} messages={res.messages} requests={res.requests}"
         f" duration={res.duration:.2f}s lag={'unknown' if lag is None else f'{lag:.0f}s'}"
+        + (f" late={res.late}" if res.late else "")
+        + (f" unroutable={sum(res.unroutable.values())}" if res.unroutable else "")
         + (f" error={res.error}" if res.error else "")
     )

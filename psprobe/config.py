@@ -167,6 +167,13 @@ class Collect:
     # the 10-minute cycle at ~30 MB each (bench/fleet.py).
     max_concurrent: int = _k("16", _ranged(int, 0, 10_000))
     runtime_dir: str = _k("/run/psprobe", _path)
+    # pScheduler retries a failed archiving and a pS 5 archive indexes late, so a point
+    # can appear behind a series' checkpoint: every late_window / 2 a run re-reads that
+    # far behind and sends what it had not sent (0: never look back).
+    late_window: float = _k("2h", _duration_range(0, 7 * 86400))
+    # A whole run ends by then, whatever the archive does (the unit's
+    # TimeoutStartSec=15min kills it later, and would leave no record).
+    run_deadline: float = _k("10min", _duration_range(10, 86400))
 
 
 @dataclass(frozen=True)
@@ -182,6 +189,19 @@ class Archive:
     parallel: int = _k("8", _ranged(int, 1, 64))
     page_points: int = _k("1000", _ranged(int, 10, 10_000))
     max_answer_mb: float = _k("32", _ranged(float, 1, 4096))
+    # Series that failed in a row for want of a connection or an answer before the run
+    # gives up on the archive as gone (0: never; read every series).
+    give_up_after: int = _k("3", _ranged(int, 0, 10_000))
+
+
+def _one_of(*choices: str) -> Callable[[str], str]:
+    def parse(text: str) -> str:
+        v = text.strip().lower()
+        if v not in choices:
+            raise ValueError(f"must be {' or '.join(choices)}: {text.strip()!r}")
+        return v
+
+    return parse
 
 
 @dataclass(frozen=True)
@@ -199,6 +219,10 @@ class Broker:
     # Messages published before their confirms are awaited: a run costs a broker round
     # trip per window, and one that dies resends at most this many.
     confirm_window: int = _k("32", _ranged(int, 1, 10_000))
+    # A message no queue is bound for (the broker returns it): warn (count it, warn once
+    # per routing key and run, drop it; a run where nothing at all is routed still fails)
+    # or fail (stop the run there, as a nack does).
+    unroutable: str = _k("warn", _one_of("warn", "fail"))
 
 
 @dataclass(frozen=True)

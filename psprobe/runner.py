@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from psprobe import checkpoint, history, metrics, state
-from psprobe.collect import BROKER_FAILED, OK, STATE_FAILED, Result, collect, summary
+from psprobe.collect import BROKER_FAILED, OK, STATE_FAILED, STOPPED, Result, Stopped, collect, summary
 from psprobe.config import Config, ConfigError
 
 log = logging.getLogger("psprobe.collect")
@@ -28,11 +28,18 @@ def collect_host(cfg: Config, host: str, *, dry_run: bool = False) -> int:
     if dry_run:
         return _dry_run(cfg, host)
     try:
-        state.host_dir(sd, host).mkdir(parents=True, exist_ok=True)
+        state.make_host_dir(sd, host)
         with checkpoint.host_lock(sd, host):
             return _locked(cfg, host)
-    except checkpoint.Busy:
-        log.info("collect %s: another collect of this host is running; nothing to do", host)
+    except checkpoint.Busy as e:
+        if e.holder != "backfill":
+            log.info("collect %s: another collect of this host is running; nothing to do", host)
+            return OK
+        reason = "a backfill of this host holds its lock"
+        log.info("collect %s: %s; skipped", host, reason)
+        now = round(time.time(), 3)
+        history.record(sd, host, {"kind": "skipped", "reason": reason, "start": now,
+                                  "end": now, "status": OK})
         return OK
     except checkpoint.StateError as e:
         log.error("collect %s: FAILED error=%s", host, e)
@@ -48,19 +55,26 @@ def _locked(cfg: Config, host: str) -> int:
     started = time.time()
     cp = checkpoint.load(cfg.collect.state_dir, host)
     try:
-        outlet = LazyBrokerOutlet(cfg.broker)
+        outlet = LazyBrokerOutlet(cfg.broker, frozenset(cp.routed))
     except (BrokerError, ConfigError) as e:
         res = Result(host, started, ended=time.time(), status=BROKER_FAILED, error=str(e))
         if isinstance(e, ConfigError):
             res.status = 2
         if cp.pairs:
             res.newest = max(cp.pairs.values())
+        cp.close()
         return _finish(cfg, res)
     try:
         res = collect(cfg, host, outlet, cp)
-    finally:
-        outlet.close()
-    return _finish(cfg, res)
+    except Stopped as e:  # outside collect's own handling (it records what it can)
+        res = Result(host, started, ended=time.time(), status=STOPPED, error=f"stopped by {e}")
+        if cp.pairs:
+            res.newest = max(cp.pairs.values())
+    res.unroutable = dict(getattr(outlet, "unroutable", None) or {})
+    # The summary first: closing the broker connection can take up to [broker] timeout.
+    _log_summary(res)
+    outlet.close()
+    return _finish(cfg, res, logged=True)
 
 
 def _dry_run(cfg: Config, host: str) -> int:
@@ -78,8 +92,13 @@ def _dry_run(cfg: Config, host: str) -> int:
     return res.status
 
 
-def _finish(cfg: Config, res: Result, kind: str = "collect") -> int:
+def _log_summary(res: Result) -> None:
     log.log(logging.INFO if res.status == OK else logging.ERROR, "%s", summary(res))
+
+
+def _finish(cfg: Config, res: Result, kind: str = "collect", logged: bool = False) -> int:
+    if not logged:
+        _log_summary(res)
     run = {
         "start": round(res.started, 3), "end": round(res.ended, 3), "status": res.status,
         "error": res.error, "series": res.series, "fetched": res.fetched, "failed": res.failed,
@@ -88,6 +107,10 @@ def _finish(cfg: Config, res: Result, kind: str = "collect") -> int:
     }
     if kind != "collect":
         run["kind"] = kind
+    if res.late:
+        run["late"] = res.late
+    if res.unroutable:
+        run["unroutable"] = res.unroutable
     doc = history.record(cfg.collect.state_dir, res.host, run)
     metrics.write_host(cfg.metrics.textfile_dir, res.host, doc)
     return res.status
@@ -145,8 +168,8 @@ def backfill_host(cfg: Config, host: str, since: int, until: int, *,
     parts = slices(since, until)
     started = time.time()
     try:
-        state.host_dir(sd, host).mkdir(parents=True, exist_ok=True)
-        with checkpoint.host_lock(sd, host):
+        state.make_host_dir(sd, host)
+        with checkpoint.host_lock(sd, host, kind="backfill"):
             cp = checkpoint.load(sd, host)
             try:
                 outlet = BrokerOutlet(cfg.broker)
@@ -169,8 +192,9 @@ def backfill_host(cfg: Config, host: str, since: int, until: int, *,
             finally:
                 outlet.close()
             _record_backfill(cfg, bf, started)
-    except checkpoint.Busy:
-        bf.status, bf.error = BUSY, "a collect of this host is running (its lock is held); try again"
+    except checkpoint.Busy as e:
+        bf.status, bf.error = BUSY, (f"a {e.holder or 'collect'} of this host is running "
+                                     "(its lock is held); try again")
     except checkpoint.StateError as e:
         bf.status, bf.error = STATE_FAILED, str(e)
     except OSError as e:
