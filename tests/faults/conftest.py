@@ -13,9 +13,12 @@ from __future__ import annotations
 import json
 import logging
 import os
+import pwd
 import re
+import shutil
 import subprocess
 import sys
+import sysconfig
 import time
 import uuid
 from collections import Counter
@@ -299,6 +302,42 @@ class Lab:
             if t.lost == 0:
                 return n, t
         raise AssertionError(f"{host}: still {t.lost} points lost after {max_runs} runs")
+
+
+# ----------------------------------------------------------------- the service user
+
+SERVICE_USER = "psprobe-test"
+
+
+def service_user() -> tuple[int, int]:
+    try:
+        pw = pwd.getpwnam(SERVICE_USER)
+    except KeyError:
+        if os.geteuid() != 0:
+            pytest.skip(f"no user {SERVICE_USER}, and only root may create it")
+        subprocess.run(["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin",
+                        SERVICE_USER], check=True, capture_output=True)
+        pw = pwd.getpwnam(SERVICE_USER)
+    return pw.pw_uid, pw.pw_gid
+
+
+def python_for(uid: int, gid: int) -> list[str]:
+    """An interpreter the user can run, with this one's packages (a venv under /root is not)."""
+    site = sysconfig.get_paths()["purelib"]
+    wrap = ["setpriv", f"--reuid={uid}", f"--regid={gid}", "--clear-groups", "env",
+            f"PYTHONPATH={ROOT}:{site}"]
+    version = f"python{sys.version_info.major}.{sys.version_info.minor}"
+    names = [sys.executable, os.path.realpath(sys.executable), f"/usr/bin/{version}",
+             f"/usr/local/bin/{version}", version]
+    for py in names:
+        exe = shutil.which(py)
+        if exe is None:
+            continue
+        ok = subprocess.run([*wrap, exe, "-c", "import click, pika, requests, psprobe.cli"],
+                            capture_output=True, timeout=60, cwd="/")
+        if ok.returncode == 0:
+            return [*wrap, exe]
+    pytest.skip(f"no Python interpreter {SERVICE_USER} can run with psprobe's packages")
 
 
 # ----------------------------------------------------------------- figures

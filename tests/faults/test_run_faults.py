@@ -7,13 +7,18 @@ Each ends with one clear line and, once the fault is gone, 0 points lost.
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import signal
 import subprocess
+import tempfile
 import time
+from pathlib import Path
 
+import pytest
 from faultproxy import elapsed
 
-from faults.conftest import CLI, ROOT, STEP
+from faults.conftest import CLI, ROOT, STEP, Lab, python_for, service_user
 from psprobe import history
 
 A, B = "ps-a.example.org", "ps-b.example.org"
@@ -164,3 +169,65 @@ def test_a_run_stopped_by_sigterm_records_why(lab, figures):
     runs, t = lab.catch_up(A)
     figures.fault("process", "stopped by SIGTERM mid-run (systemctl stop, TimeoutStartSec)",
                   143, line, t, runs)
+
+
+def test_look_back_and_a_stopped_run_as_the_service_user(sim, fbus, figures):
+    """As the user the units run as: the look-back's state and a SIGTERM record are its own."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to switch to the service user")
+    uid, gid = service_user()
+    py = python_for(uid, gid)
+    tmp = Path(tempfile.mkdtemp(prefix="psprobe-run."))
+    try:
+        os.chmod(tmp, 0o755)
+        lab = Lab(tmp, sim, fbus)
+        lab.set("collect", runtime_dir=tmp / "run", max_concurrent=2, **LATE["collect"])
+        lab.add_host(A)
+        (tmp / "run").mkdir()
+        for p in (tmp / "state", tmp / "metrics", tmp / "run"):
+            for q in [p, *p.rglob("*")]:
+                os.chown(q, uid, gid)
+        os.chmod(lab.conf, 0o644)
+        env = {**os.environ, "PSPROBE_CONFIG": str(lab.conf)}
+        env.pop("JOURNAL_STREAM", None)
+        cmd = [*py, "-c", CLI[2], "collect", A]
+
+        def run() -> subprocess.CompletedProcess:
+            return subprocess.run(cmd, capture_output=True, text=True, timeout=60, env=env,
+                                  cwd="/")
+
+        assert run().returncode == 0
+        late = _late_points(lab, A)
+        _shift_lookback(lab, A, 6 * 3600 + 60)
+        r = run()
+        assert r.returncode == 0 and f"late={len(late)}" in r.stderr, r.stderr
+        t = lab.tally(A)
+        assert (t.lost, t.duplicates) == (0, 0), t
+        lab.more(A, 120)
+        h = lab.hosts[A].hosts[A]
+        seen = len(h.log)
+        fault = lab.sim.fault(A, "stall", path="/base")
+        proc = subprocess.Popen(cmd, env=env, cwd="/", stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+        try:
+            end = time.monotonic() + 30
+            while not any("/base" in q.path for q in h.log[seen:]):
+                assert time.monotonic() < end and proc.poll() is None, proc.communicate()
+                time.sleep(0.01)
+            proc.send_signal(signal.SIGTERM)
+            _, err = proc.communicate(timeout=30)
+        finally:
+            fault.release()
+            if proc.poll() is None:
+                proc.kill()
+        assert proc.returncode == -signal.SIGTERM and "error=stopped by SIGTERM" in err, err
+        assert history.load(str(lab.state), A)[-1]["status"] == 143
+        lab.sim.clear_faults(A)
+        r = run()
+        assert r.returncode == 0, r.stderr
+        t = lab.tally(A)
+        assert t.lost == 0, t
+        owners = {q.stat().st_uid for q in (lab.state / "hosts" / A).iterdir()}
+        assert owners == {uid}, owners
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

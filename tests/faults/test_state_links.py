@@ -15,11 +15,9 @@ from __future__ import annotations
 import json
 import logging
 import os
-import pwd
 import shutil
 import subprocess
 import sys
-import sysconfig
 import tempfile
 import uuid
 from pathlib import Path
@@ -27,13 +25,13 @@ from pathlib import Path
 import pytest
 from conftest import cli_runner
 
-from faults.conftest import CLI, ROOT, Lab
+from faults.conftest import CLI, ROOT, SERVICE_USER, Lab, python_for, service_user
 from psprobe import checkpoint, metrics, slots, state
 
 A, B, M = "ps-a.example.org", "ps-b.example.org", "ps-m.example.org"
 REFUSED = "refusing to follow a symbolic link"
 OLD = 1_000_000_000  # the victims' mtime
-USER = "psprobe-test"
+USER = SERVICE_USER
 
 
 # ----------------------------------------------------------------- planting
@@ -441,43 +439,12 @@ def test_links_at_sync_state_are_refused_with_one_line(two, figures):
 # ----------------------------------------------------------------- as the service user
 
 
-def _service_user() -> tuple[int, int]:
-    try:
-        pw = pwd.getpwnam(USER)
-    except KeyError:
-        if os.geteuid() != 0:
-            pytest.skip(f"no user {USER}, and only root may create it")
-        subprocess.run(["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin",
-                        USER], check=True, capture_output=True)
-        pw = pwd.getpwnam(USER)
-    return pw.pw_uid, pw.pw_gid
-
-
-def _python_for(uid: int, gid: int) -> list[str]:
-    """An interpreter the user can run, with this one's packages (a venv under /root is not)."""
-    site = sysconfig.get_paths()["purelib"]
-    wrap = ["setpriv", f"--reuid={uid}", f"--regid={gid}", "--clear-groups", "env",
-            f"PYTHONPATH={ROOT}:{site}"]
-    version = f"python{sys.version_info.major}.{sys.version_info.minor}"
-    names = [sys.executable, os.path.realpath(sys.executable), f"/usr/bin/{version}",
-             f"/usr/local/bin/{version}", version]
-    for py in names:
-        exe = shutil.which(py)
-        if exe is None:
-            continue
-        ok = subprocess.run([*wrap, exe, "-c", "import click, pika, requests, psprobe.cli"],
-                            capture_output=True, timeout=60, cwd="/")
-        if ok.returncode == 0:
-            return [*wrap, exe]
-    pytest.skip(f"no Python interpreter {USER} can run with psprobe's packages")
-
-
 def test_as_the_service_user(sim, fbus, figures):
     """The links a service user could plant, met by a run as that user: refused all the same."""
     if os.geteuid() != 0:
         pytest.skip("needs root to switch to the service user")
-    uid, gid = _service_user()
-    py = _python_for(uid, gid)
+    uid, gid = service_user()
+    py = python_for(uid, gid)
     tmp = Path(tempfile.mkdtemp(prefix="psprobe-links."))
     try:
         os.chmod(tmp, 0o755)
