@@ -1,12 +1,17 @@
 #!/bin/bash
 # make-tarball.sh - build psprobe-<version>.tar.gz, the Source0 of psprobe.spec.
 #
-# Usage:  packaging/make-tarball.sh [--worktree] [OUTDIR]
+# Usage:  packaging/make-tarball.sh [--worktree | --allow-dirty] [OUTDIR]
 #
 #   (default)   `git archive HEAD`: exactly the committed tree. Release builds use this.
+#               It REFUSES when a tracked file differs from HEAD (staged or not): such a
+#               change (a bumped Release: in psprobe.spec, say) would silently not be built.
+#               It warns about untracked files, which are not packed either.
+#   --allow-dirty  HEAD anyway, with a warning naming what is left out.
 #   --worktree  the working tree as it is on disk: tracked files plus untracked files that
-#               .gitignore does not exclude (git ls-files -co --exclude-standard). The RPM
-#               tests use it so they package what is being tested, committed or not.
+#               .gitignore does not exclude (git ls-files -co --exclude-standard), less
+#               earlier tarballs (psprobe-*.tar.gz) left at the top. The RPM tests use it so
+#               they package what is being tested, committed or not.
 #   OUTDIR      where to write the tarball (default: the current directory).
 #
 # The version is read from psprobe/__init__.py (its only home); the script refuses to run
@@ -21,10 +26,11 @@
 set -eu
 
 mode=head
-if [ "${1:-}" = "--worktree" ]; then
-    mode=worktree
-    shift
-fi
+allow_dirty=
+case ${1:-} in
+    --worktree) mode=worktree; shift ;;
+    --allow-dirty) allow_dirty=1; shift ;;
+esac
 outdir=${1:-.}
 
 top=$(git -C "$(dirname "$0")" rev-parse --show-toplevel)
@@ -44,8 +50,24 @@ out=$(cd "$outdir" && pwd)/psprobe-$version.tar.gz
 prefix=psprobe-$version/
 
 if [ "$mode" = head ]; then
-    if [ -n "$(git -C "$top" status --porcelain --untracked-files=no)" ]; then
-        echo "make-tarball: note: uncommitted changes are NOT in the tarball (use --worktree)" >&2
+    dirty=$(git -C "$top" status --porcelain --untracked-files=no)
+    untracked=$(git -C "$top" ls-files -o --exclude-standard | grep -v '^psprobe-[^/]*\.tar\.gz$' || :)
+    if [ -n "$dirty" ]; then
+        {
+            echo "make-tarball: UNCOMMITTED CHANGES to files it packs; they would NOT be in the tarball"
+            echo "(git archive HEAD packs the committed tree):"
+            printf '%s\n' "$dirty" | sed 's/^/    /'
+        } >&2
+        if [ -z "$allow_dirty" ]; then
+            echo "make-tarball: refusing. Commit them, or package the work tree as it is (--worktree)," \
+                 "or HEAD without them (--allow-dirty)." >&2
+            exit 1
+        fi
+        echo "make-tarball: WARNING: packaging HEAD without those changes (--allow-dirty)" >&2
+    fi
+    if [ -n "$untracked" ]; then
+        echo "make-tarball: warning: untracked files are not in the tarball:" >&2
+        printf '%s\n' "$untracked" | sed 's/^/    /' >&2
     fi
     git -C "$top" archive --format=tar.gz --prefix="$prefix" -o "$out" HEAD
 else
@@ -55,7 +77,10 @@ else
     (
         cd "$top"
         git ls-files -z -co --exclude-standard | sort -z -u |
-            while IFS= read -r -d '' f; do [ -e "$f" ] && printf '%s\0' "$f"; done |
+            while IFS= read -r -d '' f; do
+                case $f in psprobe-*.tar.gz) [[ $f == */* ]] || continue ;; esac
+                [ -e "$f" ] && printf '%s\0' "$f"
+            done |
             tar --null --no-recursion --transform "s,^,$prefix," \
                 --owner=0 --group=0 --numeric-owner --mtime="@$mtime" \
                 -czf "$out" -T -

@@ -21,20 +21,30 @@ log = logging.getLogger("psprobe")
 
 def _config(ctx: click.Context):
     from psprobe import config
+    from psprobe.exits import Exit
 
     try:
         return config.load(ctx.obj["config"])
     except config.ConfigError as e:
-        _fail(str(e), 2)
+        _fail(str(e), Exit.CONFIG)
 
 
 def _host(name: str) -> str:
     from psprobe import hostnames
+    from psprobe.exits import Exit
 
     try:
         return hostnames.from_instance(name)
     except hostnames.BadHost as e:
-        _fail(f"{name!r}: not a valid host: {e}", 2)
+        _fail(f"{name!r}: not a valid host: {e}", Exit.USAGE)
+
+
+def _as_state_owner(cfg, host: str) -> None:
+    """Started as root: run as the owner of the host's state directory (psprobe), so a run by
+    hand leaves nothing a timer run cannot use (bin/psprobe may have done it already)."""
+    from psprobe import slots
+
+    slots.drop_to_owner(cfg.for_host(host).collect.state_dir)
 
 
 def _held_by_pause(cfg, what: str) -> None:
@@ -81,14 +91,17 @@ def main(ctx: click.Context, config_path: str | None, verbose: bool) -> None:
 def collect(ctx: click.Context, host: str, dry_run: bool) -> None:
     """Publish everything new in HOST's archive, then move its checkpoint.
 
-    HOST is the host[:port] of the archive (as in psprobe@HOST.service). Exit
+    HOST is the host[:port] of the archive (as in psprobe@HOST.service). Run
+    as root, it runs as the owner of [collect] state_dir (psprobe). Exit
     status: 0 done (or another run holds the host), 1 archive unreadable,
-    2 bad configuration, 3 broker failure, 4 state directory unusable.
+    2 bad host name, 69 broker failure, 74 state directory unusable, 78 bad
+    configuration (README: "Exit status of psprobe collect").
     """
     from psprobe import runner
 
     cfg = _config(ctx)
     h = _host(host)
+    _as_state_owner(cfg, h)
     if not dry_run:
         _held_by_pause(cfg, f"collect {h}")
         from psprobe import slots
@@ -138,9 +151,10 @@ def _stop_on_signals() -> list[int]:
 def sync(ctx: click.Context, dry_run: bool, unit_dir: str | None, no_systemctl: bool) -> None:
     """Read the meshes and enable one psprobe@HOST.timer per host.
 
-    Hosts that left every mesh lose their timer; a mesh that cannot be read
-    keeps its last good host list for [mesh] forget_after. Exit status 1 when
-    some mesh could not be read (the rest is still applied).
+    Hosts that left every mesh lose their timer, but only at a sync where
+    every mesh answered: while a mesh fails (a typo, a moved URL, a server
+    down) hosts are added and none removed. Exit status 1 when some mesh could
+    not be read (the rest is still applied).
     """
     import time
     from pathlib import Path
@@ -159,8 +173,18 @@ def sync(ctx: click.Context, dry_run: bool, unit_dir: str | None, no_systemctl: 
         click.echo(msync.describe(p))
         sys.exit(1 if p.failed else 0)
     sd = Path(cfg.collect.state_dir)
+    if not sd.is_dir():
+        # Name the cause: under the unit's ProtectSystem=strict a removed state directory
+        # would otherwise read as "Read-only file system".
+        try:
+            sd.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            from psprobe.exits import Exit
+
+            _fail(f"sync: FAILED error=state directory {sd} does not exist and cannot be created "
+                  f"here ({e.strerror}); recreate it: install -d -m 0770 -o psprobe -g psprobe "
+                  f"{sd}", Exit.STATE)
     try:
-        sd.mkdir(parents=True, exist_ok=True)
         with checkpoint.Lock(sd / "sync.lock"):
             p = msync.plan(cfg, udir, fetch, now=now)
             msync.apply(cfg, p, udir, now=now, systemctl=not no_systemctl)
@@ -168,15 +192,17 @@ def sync(ctx: click.Context, dry_run: bool, unit_dir: str | None, no_systemctl: 
         log.info("sync: another sync is running; nothing to do")
         return
     except (checkpoint.StateError, OSError) as e:
-        _fail(f"sync: FAILED error={e}", 4)
+        from psprobe.exits import Exit
+
+        _fail(f"sync: FAILED error={e}", Exit.STATE)
     for h in p.added:
         log.info("sync: added %s (%s)", h, p.targets[h]["read_url"])
     for h in p.removed:
         log.info("sync: removed %s", h)
     log.log(logging.WARNING if p.failed else logging.INFO,
-            "sync: %s hosts=%d added=%d removed=%d kept=%d failed_meshes=%d duration=%.2fs",
-            "FAILED" if p.failed else "ok", len(p.targets), len(p.added), len(p.removed),
-            len(p.kept), len(p.failed), time.time() - now)
+            "sync: %s hosts=%d added=%d removed=%d kept=%d held=%d failed_meshes=%d "
+            "duration=%.2fs", "FAILED" if p.failed else "ok", len(p.targets), len(p.added),
+            len(p.removed), len(p.kept), len(p.held), len(p.failed), time.time() - now)
     sys.exit(1 if p.failed else 0)
 
 
@@ -184,17 +210,28 @@ def sync(ctx: click.Context, dry_run: bool, unit_dir: str | None, no_systemctl: 
 
 
 def _known_host(cfg, name: str) -> str:
-    """HOST as given, checked against the hosts psprobe knows (state, timers, last sync)."""
+    """HOST as given, checked against the hosts psprobe knows (state, timers, last sync).
+
+    A name without a port stands for the one known ``name:PORT`` (several: exit 2,
+    listing them).
+    """
     import difflib
 
-    from psprobe import status
+    from psprobe import hostnames, status
+    from psprobe.exits import Exit
 
     host = _host(name)
     known = status.known_hosts(cfg)
     if host not in known:
+        ports = sorted(k for k in known if hostnames.split(k)[0] == host)
+        if len(ports) == 1:
+            return ports[0]
+        if ports:
+            _fail(f"{name}: {len(ports)} known hosts have that name: {', '.join(ports)} "
+                  "(give one with its port)", Exit.USAGE)
         near = difflib.get_close_matches(host, sorted(known), n=3)
         _fail(f"{name}: not a host psprobe knows" + (f" (did you mean {', '.join(near)}?)" if near
-                                                     else " (see `psprobe status`)"), 2)
+                                                     else " (see `psprobe status`)"), Exit.USAGE)
     return host
 
 
@@ -206,8 +243,10 @@ def status(ctx: click.Context, hosts: tuple[str, ...], as_json: bool) -> None:
     """One row per host, worst first: timer, last run and success, points and
     messages (last run/24 h), lag, consecutive failures, next timer firing.
 
-    Exit status 1 when a host is failing or lags more than [report] lag_alarm
-    (so it serves as a check), 2 for an unknown host or a bad configuration.
+    Exit status 1 when a host is failing (its last run failed by its run record
+    or by systemd's), lags more than [report] lag_alarm, or a mesh failed at
+    the last sync (so it serves as a check), 2 for an unknown host or a bad
+    configuration.
     """
     import json
 
@@ -231,7 +270,8 @@ def status(ctx: click.Context, hosts: tuple[str, ...], as_json: bool) -> None:
 def logs(ctx: click.Context, host: str, journalctl_args: tuple[str, ...]) -> None:
     """The journal of HOST's collects: journalctl -u psprobe@HOST.service [ARGS]...
 
-    Any journalctl option may follow (e.g. -f, --since today, -p warning);
+    HOST may leave out the port when one known host has that name. Any
+    journalctl option may follow (e.g. -f, --since today, -p warning);
     journalctl pages on a terminal.
     """
     import subprocess
@@ -304,6 +344,7 @@ def backfill(ctx: click.Context, host: str, since_text: str, until_text: str | N
     Messages carry the same ids as the regular run's, so a consumer can drop
     what it already has.  Runs under HOST's lock (exit 75 while a collect
     holds it); stops at the first failing slice and says where to resume.
+    Run as root, it runs as the owner of [collect] state_dir (psprobe).
     """
     import time
 
@@ -311,6 +352,7 @@ def backfill(ctx: click.Context, host: str, since_text: str, until_text: str | N
 
     cfg = _config(ctx)
     h = _host(host)
+    _as_state_owner(cfg, h)
     since = _when(since_text, "--since")
     until = _when(until_text, "--until") if until_text else int(time.time())
     if until < since:
@@ -372,7 +414,9 @@ def report(ctx: click.Context, since_text: str, to: tuple[str, ...], mail: bool,
     since = _when(since_text, "--since")
     recipients = tuple(to) or (cfg.report.to if mail else ())
     if mail and not recipients:
-        _fail("report --mail: [report] to is empty", 2)
+        from psprobe.exits import Exit
+
+        _fail("report --mail: [report] to is empty", Exit.CONFIG)
     out = rp.render(rp.build(cfg, since), fmt or ("html" if recipients else "text"))
     try:
         emitter = rp.MailEmitter(cfg.report, recipients) if recipients else rp.PrintEmitter(sys.stdout)

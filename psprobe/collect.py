@@ -22,14 +22,16 @@ from psprobe import state
 from psprobe.archive import Archive, ArchiveError, Pair, unreachable
 from psprobe.checkpoint import Checkpoint, StateError
 from psprobe.config import Config, ConfigError
+from psprobe.exits import Exit
 from psprobe.messages import Encoder, Message, meta_for
 from psprobe.publish import BrokerError, Outlet
 
 log = logging.getLogger("psprobe.collect")
 
-# Exit statuses, also documented in the README.
-OK, ARCHIVE_FAILED, CONFIG_ERROR, BROKER_FAILED, STATE_FAILED = 0, 1, 2, 3, 4
-STOPPED = 143  # 128 + SIGTERM: stopped from outside (systemctl stop, TimeoutStartSec)
+# Exit statuses (psprobe.exits has them all, with the README's words).
+OK, ARCHIVE_FAILED, CONFIG_ERROR = Exit.OK, Exit.ARCHIVE, Exit.CONFIG
+BROKER_FAILED, STATE_FAILED = Exit.BROKER, Exit.STATE
+STOPPED = Exit.STOPPED  # 128 + SIGTERM: stopped from outside (systemctl stop, TimeoutStartSec)
 
 
 class Stopped(BaseException):

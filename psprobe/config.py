@@ -2,7 +2,7 @@
 
 ``/etc/psprobe/psprobe.conf`` then ``conf.d/*.conf`` in name order; a later file
 wins key by key.  Every value is parsed here, so a typo is one line naming the
-file, section and key (exit status 2) before anything touches the network or
+file, section and key (exit status 78) before anything touches the network or
 the state directory.  ``[host NAME]`` sections override ``[collect]`` and
 ``[archive]`` keys (or any key written ``section.key``) for one host.
 """
@@ -82,6 +82,21 @@ def _duration_range(lo: float, hi: float) -> Callable[[str], float]:
         return v
 
     return parse
+
+
+# [collect] interval: whole minutes dividing an hour, or whole hours dividing a day, so
+# that a host's calendar phase (psprobe.units.on_calendar) repeats evenly for ever.
+_INTERVALS = tuple(m * 60 for m in (1, 2, 3, 4, 5, 6, 10, 12, 15, 20, 30, 60)) + tuple(
+    h * 3600 for h in (2, 3, 4, 6, 8, 12, 24))
+
+
+def _interval(text: str) -> int:
+    v = parse_duration(text)
+    if v not in _INTERVALS:
+        raise ValueError(f"{text.strip()} is not whole minutes dividing an hour or whole hours "
+                         "dividing a day: use 1, 2, 3, 4, 5, 6, 10, 12, 15, 20, 30 or 60min, "
+                         "or 2, 3, 4, 6, 8, 12 or 24h")
+    return int(v)
 
 
 def _str(text: str) -> str:
@@ -174,6 +189,9 @@ class Collect:
     # A whole run ends by then, whatever the archive does (the unit's
     # TimeoutStartSec=15min kills it later, and would leave no record).
     run_deadline: float = _k("10min", _duration_range(10, 86400))
+    # How often each host is collected, at a phase of its own within it: psprobe sync
+    # writes it into the host's timer (psprobe.units.dropin_text).  Divides an hour or a day.
+    interval: int = _k("10min", _interval)
 
 
 @dataclass(frozen=True)

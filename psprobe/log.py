@@ -2,9 +2,11 @@
 
 journald reads a ``<N>`` prefix on a stdout/stderr line as the syslog priority
 (``SyslogLevelPrefix=yes`` is the default), so ``journalctl -p warning -u
-psprobe@X`` works without a syslog library.  On a terminal the prefix becomes
-a word.  Newlines in a message are escaped: text from a mesh or an archive can
-never forge a second log line.
+psprobe@X`` works without a syslog library.  The prefix is written only when
+stderr IS the journal's stream (:func:`to_journal`); on a terminal, in a pipe
+or a file it becomes a word (``warning:``, ``error:``) or nothing.  Newlines in
+a message are escaped: text from a mesh or an archive can never forge a second
+log line.
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ class _Formatter(logging.Formatter):
 def setup(verbose: bool = False, stream=None) -> None:
     """Route the ``psprobe`` logger to stderr, once per process."""
     stream = stream or sys.stderr
-    prefix = bool(os.environ.get("JOURNAL_STREAM")) or not _isatty(stream)
+    prefix = to_journal(stream)
     handler = logging.StreamHandler(stream)
     handler.setFormatter(_Formatter(prefix))
     root = logging.getLogger("psprobe")
@@ -53,8 +55,19 @@ def setup(verbose: bool = False, stream=None) -> None:
     logging.getLogger("pika").setLevel(logging.CRITICAL)
 
 
-def _isatty(stream) -> bool:
+def to_journal(stream) -> bool:
+    """Whether ``stream`` is connected to the journal, as sd_journal's own check decides.
+
+    systemd sets ``JOURNAL_STREAM=<device>:<inode>`` for a unit whose stderr (or
+    stdout) it connected to journald; a child process inherits the variable
+    whatever its stderr, so the variable alone proves nothing: the stream's own
+    fstat must match it.  (psprobe.slots prints its few early lines by this too.)
+    """
+    dev, sep, ino = os.environ.get("JOURNAL_STREAM", "").partition(":")
+    if not sep:
+        return False
     try:
-        return stream.isatty()
-    except (AttributeError, ValueError):
+        st = os.fstat(stream.fileno())
+        return (st.st_dev, st.st_ino) == (int(dev), int(ino))
+    except (AttributeError, ValueError, OSError):  # no fd (a test's buffer), closed, garbage
         return False

@@ -6,8 +6,9 @@ so a run never reads or rewrites what the other 200 hosts wrote.  Files are
 written to a temporary name that does not end in ``.prom`` (node_exporter
 skips it) and renamed, so a scrape never sees half a file.  The ``_total``
 counters come from the running totals of ``history.json``: they survive the
-pruning of old runs and only ever grow.  Metrics are a side channel: a missing
-directory or a full disk is a warning, never a failed run.
+pruning of old runs and only ever grow.  Metrics are a side channel: a full
+disk or a missing directory the operator set is a warning, never a failed run;
+the default directory missing (no node_exporter here) is not even that.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from psprobe import hostnames, state
+from psprobe import exits, hostnames, state
 
 log = logging.getLogger("psprobe.metrics")
 
@@ -32,7 +33,7 @@ HOST_METRICS = {
     "psprobe_collect_last_success_timestamp_seconds": (
         "gauge", "When the last successful collect of the host ended."),
     "psprobe_collect_last_status": (
-        "gauge", "Exit status of the last collect (0 ok, 1 archive, 2 config, 3 broker, 4 state)."),
+        "gauge", f"Exit status of the last collect ({exits.describe(exits.RUN)})."),
     "psprobe_collect_duration_seconds": ("gauge", "Duration of the last collect."),
     "psprobe_collect_lag_seconds": (
         "gauge", "End of the last collect minus the newest point the broker confirmed."),
@@ -138,7 +139,12 @@ def write_atomic(directory: str, name: str, text: str) -> bool:
         state.write_atomic(d / name, text.encode(), 0o644, durable=False)
     except (OSError, state.StateError) as e:
         if isinstance(e, FileNotFoundError) and not d.is_dir():
-            log.warning("[metrics] textfile_dir %s does not exist: metrics not written", d)
+            # The default is node_exporter's directory: on a machine without it, every run
+            # would warn about a choice nobody made.
+            from psprobe.config import Metrics
+
+            level = logging.DEBUG if str(d) == Metrics().textfile_dir else logging.WARNING
+            log.log(level, "[metrics] textfile_dir %s does not exist: metrics not written", d)
         elif isinstance(e, OSError) and not isinstance(e, state.Refused):
             log.warning("%s: cannot write metrics: %s", d / name, e.strerror or e)
         else:

@@ -98,7 +98,7 @@ class Report:
 def build(cfg: Config, since: float, *, now: float | None = None) -> Report:
     """The report of ``[since, now]`` from the state directory."""
     now = time.time() if now is None else now
-    ov = status.overview(cfg, now=now, next_elapse=lambda hosts: {})
+    ov = status.overview(cfg, now=now)  # systemd's view too, when it runs the units
     sd = cfg.collect.state_dir
     lines, by_type = [], {}
     backfills = backfill_points = 0

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from psprobe import checkpoint, history, metrics, state
 from psprobe.collect import BROKER_FAILED, OK, STATE_FAILED, STOPPED, Result, Stopped, collect, summary
 from psprobe.config import Config, ConfigError
+from psprobe.exits import Exit
 
 log = logging.getLogger("psprobe.collect")
 
@@ -57,9 +58,8 @@ def _locked(cfg: Config, host: str) -> int:
     try:
         outlet = LazyBrokerOutlet(cfg.broker, frozenset(cp.routed))
     except (BrokerError, ConfigError) as e:
-        res = Result(host, started, ended=time.time(), status=BROKER_FAILED, error=str(e))
-        if isinstance(e, ConfigError):
-            res.status = 2
+        res = Result(host, started, ended=time.time(), error=str(e),
+                     status=Exit.CONFIG if isinstance(e, ConfigError) else BROKER_FAILED)
         if cp.pairs:
             res.newest = max(cp.pairs.values())
         cp.close()
@@ -118,7 +118,7 @@ def _finish(cfg: Config, res: Result, kind: str = "collect", logged: bool = Fals
 
 # --- backfill: re-publish a window, in slices, without moving the checkpoint
 
-BUSY = 75  # EX_TEMPFAIL: a collect of the host holds the lock; try again later
+BUSY = Exit.BUSY  # EX_TEMPFAIL: a collect of the host holds the lock; try again later
 MAX_SLICES, MIN_SLICE = 48, 3600
 
 
@@ -174,7 +174,7 @@ def backfill_host(cfg: Config, host: str, since: int, until: int, *,
             try:
                 outlet = BrokerOutlet(cfg.broker)
             except (BrokerError, ConfigError) as e:
-                bf.status, bf.error = (2 if isinstance(e, ConfigError) else BROKER_FAILED), str(e)
+                bf.status, bf.error = (Exit.CONFIG if isinstance(e, ConfigError) else BROKER_FAILED), str(e)
                 return bf
             try:
                 for n, (lo, hi) in enumerate(parts, 1):

@@ -10,6 +10,11 @@ drops a lock when its process dies, so a killed run can never leak a slot.
 Slot files are never opened through a link (``O_NOFOLLOW``, as psprobe.state
 does for the state files); ``runtime_dir`` itself is the operator's choice.
 
+Before any slot or state file is touched, a collect or backfill started as root
+becomes the owner of ``[collect] state_dir`` (:func:`drop_to_owner`): an
+operator testing a host by hand must not leave root-owned files that every
+later timer run (user psprobe) fails on.
+
 This module must stay cheap to import: os, fcntl, signal, configparser (no
 dataclasses, no random: they would add ~2 MB to every waiting process).
 """
@@ -27,6 +32,7 @@ import time
 # Same as psprobe.config.DEFAULT_PATH (a test checks): importing config costs ~2 MB.
 DEFAULT_CONFIG = "/etc/psprobe/psprobe.conf"
 DEFAULT_RUNTIME_DIR = "/run/psprobe"
+DEFAULT_STATE_DIR = "/var/lib/psprobe"
 DEFAULT_MAX = 16
 TICK = 1.0  # a waiter rescans every slot about this often (seconds, randomised)
 
@@ -161,16 +167,22 @@ def settings(path: str | None = None) -> tuple[str, int] | None:
     """``(runtime_dir, max_concurrent)`` from the configuration files, read cheaply.
 
     None when the files cannot be read or a value is bad: then the full
-    configuration load reports the error (exit 2) before anything runs.
+    configuration load reports the error (exit 78) before anything runs.
     ``[host NAME]`` sections do not count: the bound is the machine's.
     """
+    found = _read(path)
+    return None if found is None else (found[0], found[1])
+
+
+def _read(path: str | None) -> tuple[str, int, str, bool] | None:
+    """``(runtime_dir, max_concurrent, state_dir, a [host] section sets state_dir)``."""
     path = path or os.environ.get("PSPROBE_CONFIG") or DEFAULT_CONFIG
     confd = os.path.join(os.path.dirname(path), "conf.d")
     try:
         extra = sorted(os.path.join(confd, f) for f in os.listdir(confd) if f.endswith(".conf"))
     except OSError:
         extra = []
-    runtime_dir, n = DEFAULT_RUNTIME_DIR, DEFAULT_MAX
+    runtime_dir, n, state_dir, host_state = DEFAULT_RUNTIME_DIR, DEFAULT_MAX, DEFAULT_STATE_DIR, False
     for fname in [path, *extra]:
         cp = configparser.ConfigParser(interpolation=None, default_section="\0none")
         try:
@@ -185,11 +197,16 @@ def settings(path: str | None = None) -> tuple[str, int] | None:
                     n = int(sec["max_concurrent"].strip())
                 if "runtime_dir" in sec:
                     runtime_dir = sec["runtime_dir"].strip()
+                if "state_dir" in sec:
+                    state_dir = sec["state_dir"].strip()
             except ValueError:
                 return None
-    if not 0 <= n <= 10_000 or not runtime_dir.startswith("/"):
+        host_state = host_state or any(  # state_dir or collect.state_dir in a [host NAME]
+            k.rpartition(".")[2] == "state_dir"
+            for name in cp.sections() if name.startswith("host ") for k in cp[name])
+    if not 0 <= n <= 10_000 or not runtime_dir.startswith("/") or not state_dir.startswith("/"):
         return None
-    return runtime_dir, n
+    return runtime_dir, n, state_dir, host_state
 
 
 def early(argv: list[str]) -> Slot | None:
@@ -212,20 +229,68 @@ def early(argv: list[str]) -> Slot | None:
             return None
     if len(args) != 2 or args[0] != "collect" or args[1].startswith("-"):
         return None
-    found = settings(config)
+    found = _read(config)
     if found is None:
         return None
-    return hold(*found)
+    runtime_dir, n, state_dir, host_state = found
+    if os.geteuid() == 0:
+        if host_state:  # the host's own state_dir decides: the CLI drops, then takes the slot
+            return None
+        drop_to_owner(state_dir)
+    return hold(runtime_dir, n)
+
+
+def drop_to_owner(state_dir: str) -> str | None:
+    """Started as root: become the owner of ``state_dir``; returns its user name, or None.
+
+    Its uid, the directory's group, and the owner's supplementary groups (the
+    broker secret is root:psprobe 0640), with one line saying so.  Nothing
+    happens for another user, for a directory root owns (a development box)
+    or one not there yet.  Once dropped, for good (real, effective and saved
+    ids).  A drop that fails ends the process (exit 74): going on as root
+    would leave the very files the owner's runs then cannot use.
+    """
+    if os.geteuid() != 0:
+        return None
+    try:
+        st = os.stat(state_dir)
+    except OSError:
+        return None
+    if st.st_uid == 0:
+        return None
+    import pwd
+
+    try:
+        name = pwd.getpwuid(st.st_uid).pw_name
+        groups = os.getgrouplist(name, st.st_gid)
+    except KeyError:  # an owner without a passwd entry: its uid and the directory's group
+        name, groups = str(st.st_uid), [st.st_gid]
+    try:
+        os.setgroups(groups)
+        os.setgid(st.st_gid)
+        os.setuid(st.st_uid)
+    except OSError as e:
+        from psprobe.exits import Exit
+
+        _say(3, f"cannot run as {name}, the owner of {state_dir}: {e.strerror}; "
+                "run as that user, or give it the state directory")
+        sys.exit(Exit.STATE)
+    _say(6, f"running as {name}, the owner of {state_dir}")
+    return name
 
 
 def _say(priority: int, line: str) -> None:
-    """One log line like psprobe.log's (``<N>`` prefix for journald), without importing it."""
-    try:
-        tty = sys.stderr.isatty()
-    except (AttributeError, ValueError):
-        tty = False
-    if os.environ.get("JOURNAL_STREAM") or not tty:
+    """One log line like psprobe.log's (``<N>`` prefix for journald), before logging is set up.
+
+    Imports psprobe.log (and logging) only now: a process waiting for its slot
+    has printed nothing, so it stays small.
+    """
+    from psprobe.log import to_journal
+
+    if to_journal(sys.stderr):
         line = f"<{priority}>{line}"
+    elif priority <= 3:
+        line = f"error: {line}"
     elif priority <= 4:
         line = f"warning: {line}"
     print(line, file=sys.stderr, flush=True)

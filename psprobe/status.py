@@ -3,9 +3,15 @@
 Everything comes from the state the collector and sync already keep (no
 second source of truth): ``hosts/<host>/{target,checkpoint,history}.json``,
 ``sync.json``, the timer links in ``[mesh] unit_dir`` and, when systemd runs,
-the next firing of each timer.  Reading it costs a few small files per host,
-nothing is written, and no lock is taken (a running collect is detected by
-trying a shared lock on its lock file, which never blocks it).
+systemd's own view, asked once: each timer's next firing and whether it runs,
+and each ``psprobe@`` service's last result.  A run that failed before it
+could write its record (state directory unusable, a crash at start) exists
+only there, so a host whose unit systemd lists failed is failing here too:
+``systemctl --failed`` and ``psprobe status`` agree.  A mesh that failed at
+the last sync (``sync.json``) is an alarm as well: while it fails, sync
+removes no host.  Reading it costs a few small files per host, nothing is
+written, and no lock is taken (a running collect is detected by trying a
+shared lock on its lock file, which never blocks it).
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ import dataclasses
 import errno
 import fcntl
 import os
+import signal
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -29,6 +36,69 @@ HEALTH_ORDER = ("failing", "lagging", "pending", "no data", "ok", "disabled")
 ALARMS = ("failing", "lagging")
 COLOURS = {"failing": "red", "lagging": "yellow", "pending": "cyan", "no data": "cyan",
            "ok": "green", "disabled": None}
+SERVICES = "psprobe@*.service"
+SYSTEMCTL_TIMEOUT = 15.0
+# systemd's names of exit statuses (systemd.exec(5), "Process Exit Codes"), as
+# `systemctl status` shows them: psprobe's own and those systemd uses when it
+# could not start the process at all.
+EXIT_NAMES = {
+    1: "FAILURE", 2: "INVALIDARGUMENT", 3: "NOTIMPLEMENTED", 4: "NOPERMISSION",
+    5: "NOTINSTALLED", 6: "NOTCONFIGURED", 7: "NOTRUNNING", 64: "USAGE", 65: "DATAERR",
+    66: "NOINPUT", 67: "NOUSER", 68: "NOHOST", 69: "UNAVAILABLE", 70: "SOFTWARE", 71: "OSERR",
+    72: "OSFILE", 73: "CANTCREAT", 74: "IOERR", 75: "TEMPFAIL", 76: "PROTOCOL", 77: "NOPERM",
+    78: "CONFIG", 200: "CHDIR", 203: "EXEC", 216: "GROUP", 217: "USER", 226: "NAMESPACE",
+    228: "SECCOMP", 233: "RUNTIME_DIRECTORY", 238: "STATE_DIRECTORY",
+}  # fmt: skip
+
+
+@dataclass
+class Unit:
+    """What systemd says of one host's ``psprobe@`` service: its last run."""
+
+    active: str  # ActiveState: "failed" is what `systemctl --failed` lists
+    result: str  # Result: success, exit-code, signal, core-dump, timeout, oom-kill, ...
+    code: int | None  # ExecMainCode: 1 exited, 2 killed, 3 dumped
+    exit_status: int | None  # ExecMainStatus: the exit status, or the signal
+    started: float | None  # ExecMainStartTimestamp (whole seconds)
+    exited: float | None  # ExecMainExitTimestamp (whole seconds)
+
+    @property
+    def failed(self) -> bool:
+        return self.active == "failed"
+
+    def reason(self, now: float) -> str:
+        """``systemd: exit status 74/IOERR (last run 12:00 UTC)``."""
+        n = self.exit_status
+        if self.code in (2, 3) and n:
+            try:
+                what = f"killed by signal {signal.Signals(n).name[3:]}"
+            except ValueError:
+                what = f"killed by signal {n}"
+            if self.code == 3:
+                what += " (core dumped)"
+            if self.result == "timeout":
+                what = "timed out (TimeoutStartSec), " + what
+        elif self.result == "exit-code" and n is not None:
+            what = f"exit status {n}" + (f"/{EXIT_NAMES[n]}" if n in EXIT_NAMES else "")
+        elif self.result == "timeout":
+            what = "timed out (TimeoutStartSec)"
+        else:
+            what = f"result {self.result or 'unknown'}"
+        when = self.exited or self.started
+        if when is not None:
+            fmt = "%H:%M UTC" if now - when < 20 * 3600 else "%Y-%m-%d %H:%M UTC"
+            what += f" (last run {time.strftime(fmt, time.gmtime(when))})"
+        return f"systemd: {what}"
+
+
+@dataclass
+class SystemdView:
+    """systemd's answer for ``psprobe status``; empty where systemd does not run."""
+
+    next_run: dict[str, float | None] = dataclasses.field(default_factory=dict)
+    timers: dict[str, str] = dataclasses.field(default_factory=dict)  # host -> ActiveState
+    units: dict[str, Unit] = dataclasses.field(default_factory=dict)  # host -> its service
+    error: str | None = None  # why systemd's view is missing (it did not answer)
 
 
 @dataclass
@@ -57,6 +127,10 @@ class HostStatus:
     # warning, not a failure: the downstream binds only some keys)
     unroutable: dict[str, int] = dataclasses.field(default_factory=dict)
     skipped_24h: int = 0  # collects skipped because a backfill held the host's lock
+    # "on", "off" (no timer link), "paused" (`psprobe pause`), "stopped" (enabled, but
+    # systemd says the timer is not running)
+    timer: str = "on"
+    unit: Unit | None = None  # systemd's view of its service, when systemd was asked
 
 
 @dataclass
@@ -65,10 +139,17 @@ class Overview:
     hosts: list[HostStatus]
     paused: dict[str, Any] | None
     sync: dict[str, Any] | None
+    systemd_error: str | None = None
+
+    @property
+    def failed_meshes(self) -> list[str]:
+        """Meshes that failed at the last sync: while one fails, sync removes no host."""
+        got = (self.sync or {}).get("failed_meshes")
+        return [u for u in got if isinstance(u, str)] if isinstance(got, list) else []
 
     @property
     def alarm(self) -> bool:
-        return any(h.health in ALARMS for h in self.hosts)
+        return any(h.health in ALARMS for h in self.hosts) or bool(self.failed_meshes)
 
     def counts(self) -> dict[str, int]:
         out = dict.fromkeys(HEALTH_ORDER, 0)
@@ -129,8 +210,25 @@ def _newest_confirmed(state_dir: str, host: str) -> int | None:
     return max(pairs.values()) if pairs else None
 
 
+def _same_run(rec: dict[str, Any] | None, unit: Unit) -> str:
+    """Is ``rec`` (the last run record) systemd's last run? "this", "later", "none" or "?".
+
+    A record's ``start`` falls between the service's exec and its exit (systemd
+    gives whole seconds, hence the second of slack).
+    """
+    if unit.started is None:
+        return "?"
+    start = None if rec is None else rec.get("start", rec.get("end"))
+    if not isinstance(start, (int, float)) or start < unit.started - 1:
+        return "none"
+    if start <= (unit.exited or unit.started) + 1:
+        return "this"
+    return "later"
+
+
 def host_status(cfg: Config, host: str, *, now: float, enabled: bool, in_meshes: bool,
-                next_run: float | None = None) -> HostStatus:
+                next_run: float | None = None, unit: Unit | None = None) -> HostStatus:
+    """One host's row; ``unit`` is systemd's view of its service (None: not asked)."""
     sd = cfg.collect.state_dir
     runs = history.load_doc(sd, host)
     regular = [r for r in runs["runs"] if history.is_regular(r)]
@@ -146,9 +244,35 @@ def host_status(cfg: Config, host: str, *, now: float, enabled: bool, in_meshes:
         newest = next((r["newest"] for r in reversed(regular) if r.get("newest") is not None), None)
     lag = None if newest is None else max(0.0, now - newest)
     alarm = cfg.for_host(host).report.lag_alarm
+    last_run = last.get("end") if last else None
+    result = None if last is None else ("FAILED" if last.get("status") else "ok")
+    code = None if last is None else last.get("status")
+    error = last.get("error") if last else None
+    sd_failed = unit is not None and unit.failed
+    if sd_failed:
+        # systemd's last run failed.  Its record, when it wrote one, says why; otherwise
+        # systemd's reason is all there is (and the run counts as one more failure).
+        seen = _same_run(last, unit)
+        why = unit.reason(now)
+        if seen == "this" and last is not None and not last.get("status"):
+            error = f"{why}, after its run record (ok) was written"
+            result, code = "FAILED", unit.exit_status
+        elif seen == "none":
+            error = f"{why}, no run record written"
+            result, code = "FAILED", unit.exit_status
+            failures += 1
+            if unit.exited is not None:
+                last_run = max(last_run or 0, unit.exited)
+        elif seen == "later" and last is not None and not last.get("status"):
+            error = (f"{why}; a later run ({ago(last.get('end'), now)}) was ok: "
+                     f"`systemctl reset-failed psprobe@{hostnames.unit_instance(host)}.service` "
+                     "clears systemd's record")
+        elif seen == "?" and not (last is not None and last.get("status")):
+            error, result, code = why, "FAILED", unit.exit_status
+        failures = max(failures, 1)
     if not enabled:
         health = "disabled"
-    elif last is not None and last.get("status"):
+    elif (last is not None and last.get("status")) or sd_failed:
         health = "failing"
     elif lag is not None and lag > alarm:
         health = "lagging"
@@ -162,10 +286,8 @@ def host_status(cfg: Config, host: str, *, now: float, enabled: bool, in_meshes:
     return HostStatus(
         host=host, health=health, enabled=enabled, in_meshes=in_meshes,
         running=_running(sd, host),
-        last_run=last.get("end") if last else None, last_success=runs["last_success"],
-        result=None if last is None else ("FAILED" if last.get("status") else "ok"),
-        status=None if last is None else last.get("status"),
-        error=last.get("error") if last else None,
+        last_run=last_run, last_success=runs["last_success"],
+        result=result, status=code, error=error,
         points_last=int(last.get("points") or 0) if last else 0,
         messages_last=int(last.get("messages") or 0) if last else 0,
         points_24h=sum(int(r.get("points") or 0) for r in day),
@@ -174,6 +296,7 @@ def host_status(cfg: Config, host: str, *, now: float, enabled: bool, in_meshes:
         last_backfill=backfills[-1] if backfills else None,
         unroutable=metrics.unroutable(last) if last else {},
         skipped_24h=sum(1 for r in day if history.is_skipped(r)),
+        timer="on" if enabled else "off", unit=unit,
     )
 
 
@@ -182,18 +305,83 @@ def _sort_key(h: HostStatus) -> tuple:
             h.host)
 
 
-def systemd_running() -> bool:
-    """sd_booted(3): the test systemd itself uses."""
-    return os.path.isdir("/run/systemd/system")
+# Where systemd looks for units an administrator or a package installs: a sync into any
+# other directory (an image being built, a test) has no units systemd could tell about.
+UNIT_PATHS = ("/etc/systemd/system", "/run/systemd/system", "/usr/local/lib/systemd/system",
+              "/usr/lib/systemd/system", "/lib/systemd/system")
+
+
+def systemd_runs(unit_dir: str) -> bool:
+    """systemd is running (sd_booted(3)'s test) and reads the units sync writes."""
+    return os.path.isdir("/run/systemd/system") and \
+        os.path.realpath(unit_dir) in {os.path.realpath(p) for p in UNIT_PATHS}
+
+
+_TIMER_PROPS = ("NextElapseUSecRealtime", "NextElapseUSecMonotonic")
+_SERVICE_PROPS = ("Result", "ExecMainCode", "ExecMainStatus", "ExecMainStartTimestamp",
+                  "ExecMainExitTimestamp")
+
+
+def systemd_view(timer_hosts: Iterable[str]) -> SystemdView:
+    """systemd's view in ONE ``systemctl show`` (with a timeout): the timers of
+    ``timer_hosts`` by name, and every ``psprobe@*.service`` by pattern.
+
+    Why a pattern on ``show``, not ``list-units --all --failed``: a pattern
+    matches the units systemd has loaded, and a failed unit is never unloaded
+    (garbage-collected) until ``reset-failed``, so the pattern sees every unit
+    ``systemctl --failed`` lists, plus their exit status and time, which
+    list-units does not give.  Services that ran fine may have been unloaded
+    (no timer holds them): for them the run records speak.  ``show`` takes
+    patterns and these properties on systemd 239 (EL8) as on 252; timestamps
+    come in the form ``units._timestamp`` reads (TZ=UTC, LC_ALL=C).
+    """
+    names = {units.timer_name(h): h for h in timer_hosts}
+    props = ("Id", "ActiveState", *_TIMER_PROPS, *_SERVICE_PROPS)
+    cp = units.systemctl("show", *(f"--property={p}" for p in props), *names, SERVICES,
+                         timeout=SYSTEMCTL_TIMEOUT)
+    view = SystemdView(next_run=dict.fromkeys(names.values()))
+    if cp.returncode != 0:
+        view.error = (cp.stderr.strip().splitlines() or [f"exit status {cp.returncode}"])[-1]
+        return view
+    boot = time.time() - time.monotonic()  # monotonic elapse times count from boot
+    for block in cp.stdout.split("\n\n"):
+        pr = dict(line.split("=", 1) for line in block.splitlines() if "=" in line)
+        uid = pr.get("Id", "")
+        if uid in names:
+            host = names[uid]
+            real = units._timestamp(pr.get("NextElapseUSecRealtime", ""))
+            mono = units._timespan(pr.get("NextElapseUSecMonotonic", ""))
+            when = [t for t in (real, None if mono is None else boot + mono) if t is not None]
+            view.next_run[host] = min(when) if when else None
+            view.timers[host] = pr.get("ActiveState", "")
+        elif uid.startswith("psprobe@") and uid.endswith(".service"):
+            try:
+                host = hostnames.from_instance(uid[len("psprobe@"):-len(".service")])
+            except ValueError:
+                continue
+            view.units[host] = Unit(
+                active=pr.get("ActiveState", ""), result=pr.get("Result", ""),
+                code=_int(pr.get("ExecMainCode")), exit_status=_int(pr.get("ExecMainStatus")),
+                started=units._timestamp(pr.get("ExecMainStartTimestamp", "")),
+                exited=units._timestamp(pr.get("ExecMainExitTimestamp", "")))
+    return view
+
+
+def _int(text: str | None) -> int | None:
+    try:
+        return int(text) if text else None
+    except ValueError:
+        return None
 
 
 def overview(cfg: Config, only: Iterable[str] | None = None, *, now: float | None = None,
-             next_elapse: Callable[[Iterable[str]], dict[str, float | None]] | None = None
-             ) -> Overview:
+             next_elapse: Callable[[Iterable[str]], dict[str, float | None]] | None = None,
+             systemd: Callable[[Iterable[str]], SystemdView] | None = None) -> Overview:
     """Status of ``only`` (default: every known host), worst first.
 
-    ``next_elapse`` maps hosts to their next timer firing; by default systemd
-    is asked (once, for all hosts) when it is running.
+    ``systemd`` gives systemd's view (:func:`systemd_view`, asked once for all
+    hosts, by default when systemd is running); ``next_elapse`` (tests) only
+    the next timer firings.
     """
     from psprobe import control
 
@@ -202,13 +390,29 @@ def overview(cfg: Config, only: Iterable[str] | None = None, *, now: float | Non
     enabled = units.enabled_hosts(Path(cfg.mesh.unit_dir))
     hosts = sorted(known_hosts(cfg, sync) if only is None else set(only))
     wanted = set((sync or {}).get("hosts", []))
-    if next_elapse is None and systemd_running():
-        next_elapse = units.next_elapse
-    nexts = next_elapse([h for h in hosts if h in enabled]) if next_elapse else {}
-    rows = [host_status(cfg, h, now=now, enabled=h in enabled, in_meshes=h in wanted,
-                        next_run=nexts.get(h)) for h in hosts]
+    if systemd is None and next_elapse is None and systemd_runs(cfg.mesh.unit_dir):
+        systemd = systemd_view
+    timed = [h for h in hosts if h in enabled]
+    if systemd is not None:
+        view = systemd(timed)
+    else:
+        view = SystemdView(next_run=next_elapse(timed) if next_elapse else {})
+    if only is None:
+        # A failed unit of a host psprobe has no state for (a run that died before
+        # making its directory) is shown too: systemctl --failed lists it.
+        hosts = sorted(set(hosts) | {h for h, u in view.units.items() if u.failed})
+    paused = control.paused(cfg.collect.state_dir)
+    rows = []
+    for h in hosts:
+        row = host_status(cfg, h, now=now, enabled=h in enabled, in_meshes=h in wanted,
+                          next_run=view.next_run.get(h), unit=view.units.get(h))
+        if row.enabled and paused:
+            row.timer = "paused"
+        elif row.enabled and view.timers.get(h, "active") != "active":
+            row.timer = "failed" if view.timers[h] == "failed" else "stopped"
+        rows.append(row)
     rows.sort(key=_sort_key)
-    return Overview(now, rows, control.paused(cfg.collect.state_dir), sync)
+    return Overview(now, rows, paused, sync, view.error)
 
 
 # --- rendering
@@ -246,7 +450,7 @@ def _cells(h: HostStatus, now: float) -> tuple[str, ...]:
     return (
         h.host,
         h.health.upper() if h.health in ALARMS else h.health,
-        "on" if h.enabled else "off",
+        h.timer,
         "running" if h.running else ago(h.last_run, now),
         ago(h.last_success, now),
         f"{h.points_last}/{h.points_24h}",
@@ -278,10 +482,29 @@ def render_text(ov: Overview, colour: bool = False) -> str:
     if failing:
         lines.append("")
         lines += [f"{h.host}: {h.error or f'exit status {h.status}'}" for h in failing]
+    # Not collected, so no alarm; but systemctl --failed still lists them.
+    stale = [h for h in ov.hosts if h.health == "disabled" and h.unit and h.unit.failed]
+    if stale:
+        lines.append("")
+        lines += [f"{h.host}: no timer, but systemd still lists its last run failed "
+                  f"({h.unit.reason(ov.now)}); `systemctl reset-failed "
+                  f"psprobe@{hostnames.unit_instance(h.host)}.service` clears it" for h in stale]
+    stopped = [h.host for h in ov.hosts if h.timer in ("stopped", "failed")]
+    if stopped:
+        lines += ["", f"{len(stopped)} host timer(s) not running though enabled "
+                      f"({', '.join(stopped[:3])}{', ...' if len(stopped) > 3 else ''}): "
+                      "`psprobe resume` starts them"]
     dropped = [h for h in ov.hosts if h.unroutable]
     if dropped:
         lines.append("")
         lines += [unroutable_line(h) for h in dropped]
+    meshes = mesh_lines(ov)
+    if meshes:
+        lines.append("")
+        lines += meshes
+    if ov.systemd_error:
+        lines += ["", f"systemd did not answer ({ov.systemd_error}): TIMER, NEXT and the "
+                      "failures only systemd saw are missing"]
     c = ov.counts()
     parts = [f"{c[k]} {k}" for k in HEALTH_ORDER if c[k]]
     alarm = {span(h.lag_alarm) for h in ov.hosts} or {"-"}
@@ -294,6 +517,20 @@ def render_text(ov: Overview, colour: bool = False) -> str:
         summary += "; no sync has run"
     lines += ["", summary]
     return "\n".join(lines)
+
+
+def mesh_lines(ov: Overview) -> list[str]:
+    """One line per mesh that failed at the last sync, and what that holds back."""
+    sync = ov.sync or {}
+    errors = sync.get("mesh_errors") if isinstance(sync.get("mesh_errors"), dict) else {}
+    held = sync.get("held") if isinstance(sync.get("held"), list) else []
+    out = [f"mesh {u}: FAILED at the last sync ({ago(sync.get('last_run'), ov.now)})"
+           + (f": {errors[u]}" if isinstance(errors.get(u), str) else "")
+           for u in ov.failed_meshes]
+    if out:
+        out.append("while a mesh fails, sync adds hosts but removes none"
+                   + (f" ({len(held)} kept that no mesh names now)" if held else ""))
+    return out
 
 
 def unroutable_line(h: HostStatus) -> str:
@@ -311,6 +548,9 @@ def to_json(ov: Overview) -> dict[str, Any]:
         "paused": ov.paused,
         "counts": ov.counts(),
         "sync": None if ov.sync is None else {k: ov.sync.get(k) for k in
-                                              ("last_run", "last_success", "hosts", "failed_meshes")},
+                                              ("last_run", "last_success", "hosts", "failed_meshes",
+                                               "mesh_errors", "held")},
+        "failed_meshes": ov.failed_meshes,
+        "systemd_error": ov.systemd_error,
         "hosts": [dataclasses.asdict(h) for h in ov.hosts],
     }

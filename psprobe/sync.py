@@ -1,9 +1,21 @@
 """Mesh sync: meshes -> host set -> one enabled psprobe@<host>.timer per host.
 
-A mesh that cannot be fetched or parsed keeps counting with its last good host
-list (``meshes/<digest>.json``) for ``[mesh] forget_after``: an unreachable
-mesh server must never switch collection off.  Each host's read URL and the
-meshes that named it go to ``hosts/<host>/target.json``, which collect reads.
+A mesh that does not answer well (cannot be fetched or parsed, or only in
+part) has *failed* this sync, whether or not it has a last good host list
+(``meshes/<digest>.json``).  While any mesh fails, sync adds hosts but removes
+none: a host that no mesh names any more keeps its timer ("held"), and the
+log says ``N host(s) would be removed but mesh X failed: keeping them``.
+Removal resumes at the first sync where every mesh answered.  So a mistyped
+or moved mesh URL, or a mesh server down for a month, never switches
+collection off; dropping a mesh for good is done by removing it from
+``[mesh] urls``.  Only ``[mesh] exclude``, the operator's explicit word,
+removes a host while a mesh fails.
+
+``[mesh] forget_after`` bounds how long a failed mesh's last good list still
+counts as its answer: its hosts are added and their read URLs recorded.  Past
+it the list is ignored (its hosts are neither added nor updated), but they are
+not removed either while the mesh fails.  Each host's read URL and the meshes
+that named it go to ``hosts/<host>/target.json``, which collect reads.
 """
 
 from __future__ import annotations
@@ -32,6 +44,9 @@ class Plan:
     removed: list[str]
     kept: list[str]
     failed: list[str] = field(default_factory=list)  # mesh URLs that did not answer well
+    # Enabled hosts no mesh names, kept because a mesh failed (see the module's docstring).
+    held: list[str] = field(default_factory=list)
+    errors: dict[str, str] = field(default_factory=dict)  # failed mesh URL -> why
 
 
 def fetcher(cfg: Config) -> Callable[[str], bytes]:
@@ -76,14 +91,18 @@ def _cache_path(state_dir: str, url: str) -> Path:
     return Path(state_dir) / "meshes" / (hashlib.sha256(url.encode()).hexdigest()[:24] + ".json")
 
 
-def gather(cfg: Config, fetch: Callable[[str], bytes], *, now: float,
-           save: bool = True) -> tuple[dict[str, dict], list[str]]:
-    """Every host to collect, with its read URL and the meshes naming it."""
+def gather(cfg: Config, fetch: Callable[[str], bytes], *, now: float, save: bool = True,
+           errors: dict[str, str] | None = None) -> tuple[dict[str, dict], list[str]]:
+    """Every host to collect, with its read URL and the meshes naming it.
+
+    Also the meshes that failed; ``errors`` (when given) gets why each failed.
+    """
     m, sd = cfg.mesh, cfg.collect.state_dir
     targets: dict[str, dict] = {}
     failed: list[str] = []
+    why: dict[str, str] = {} if errors is None else errors
     for url in m.urls:
-        found = _one_mesh(url, fetch, sd, now, m.forget_after, save)
+        found = _one_mesh(url, fetch, sd, now, m.forget_after, save, why)
         if found is None:
             failed.append(url)
             continue
@@ -124,9 +143,23 @@ def _static(entry: str) -> tuple[str | None, str]:
     return host, url or default_read_url(host, "https")
 
 
+def _excluded(cfg: Config) -> set[str]:
+    """``[mesh] exclude`` as host keys (bad entries are warned about by :func:`gather`)."""
+    out = set()
+    for entry in cfg.mesh.exclude:
+        try:
+            out.add(hostnames.normalise(entry))
+        except hostnames.BadHost:
+            continue
+    return out
+
+
 def _one_mesh(url: str, fetch: Callable[[str], bytes], sd: str, now: float, forget_after: float,
-              save: bool) -> tuple[dict[str, str], bool] | None:
-    """(hosts, fresh) of one mesh: fresh from the network, else the last good list."""
+              save: bool, why: dict[str, str]) -> tuple[dict[str, str], bool] | None:
+    """(hosts, fresh) of one mesh: fresh from the network, else the last good list.
+
+    None when there is no list to use; ``why[url]`` says why it was not fresh.
+    """
     cache = _cache_path(sd, url)
     try:
         res = mesh.discover(url, fetch, max_bytes=MAX_MESH_BYTES)
@@ -140,6 +173,7 @@ def _one_mesh(url: str, fetch: Callable[[str], bytes], sd: str, now: float, forg
         reason = "part of it could not be read"
     except mesh.MeshError as e:
         reason = str(e)
+    why[url] = reason
     try:
         last = state.read_json(cache, root=sd)
     except ValueError as e:
@@ -151,7 +185,8 @@ def _one_mesh(url: str, fetch: Callable[[str], bytes], sd: str, now: float, forg
     age = now - float(last.get("fetched", 0))
     if age > forget_after:
         log.error("mesh %s: %s; last good list is %.1f days old (over [mesh] forget_after): "
-                  "its hosts no longer count", url, reason, age / 86400)
+                  "its hosts are no longer added or updated (none is removed while it fails)",
+                  url, reason, age / 86400)
         return None
     log.warning("mesh %s: %s; keeping its last good list of %d hosts from %s", url, reason,
                 len(last["targets"]), time.strftime("%Y-%m-%d %H:%M", time.gmtime(last["fetched"])))
@@ -160,11 +195,23 @@ def _one_mesh(url: str, fetch: Callable[[str], bytes], sd: str, now: float, forg
 
 def plan(cfg: Config, unit_dir: Path, fetch: Callable[[str], bytes], *, now: float,
          save: bool = True) -> Plan:
-    targets, failed = gather(cfg, fetch, now=now, save=save)
+    """What sync changes: hosts to add, to remove, kept, and held while a mesh fails."""
+    errors: dict[str, str] = {}
+    targets, failed = gather(cfg, fetch, now=now, save=save, errors=errors)
     enabled = units.enabled_hosts(unit_dir)
     want = set(targets)
-    return Plan(targets, sorted(want - enabled), sorted(enabled - want), sorted(want & enabled),
-                failed)
+    gone = enabled - want
+    held: set[str] = set()
+    if failed:
+        # No answer from a mesh is not "the host left": remove only what the operator
+        # excluded, keep the rest until every mesh answers.
+        held = gone - _excluded(cfg)
+        gone -= held
+        if held:
+            log.warning("%d host(s) would be removed but mesh %s failed: keeping them",
+                        len(held), ", ".join(failed))
+    return Plan(targets, sorted(want - enabled), sorted(gone), sorted(want & enabled),
+                failed, sorted(held), {u: errors.get(u, "failed") for u in failed})
 
 
 def apply(cfg: Config, p: Plan, unit_dir: Path, *, now: float, systemctl: bool = True) -> None:
@@ -180,7 +227,7 @@ def apply(cfg: Config, p: Plan, unit_dir: Path, *, now: float, systemctl: bool =
         if old != rec:
             state.write_json_atomic(path, rec, root=sd)
     units.apply(unit_dir, p.added, p.removed, template_dir=Path(cfg.mesh.template_dir),
-                systemctl=systemctl)
+                interval=lambda host: cfg.for_host(host).collect.interval, systemctl=systemctl)
     path = Path(sd) / "sync.json"
     try:
         old = state.read_json(path, default={}, root=sd) or {}
@@ -192,8 +239,10 @@ def apply(cfg: Config, p: Plan, unit_dir: Path, *, now: float, systemctl: bool =
     rec = {
         "last_run": now,
         "last_success": now if not p.failed else old.get("last_success"),
-        "hosts": sorted(p.targets),
+        "hosts": sorted({*p.targets, *p.held}),  # every host whose timer sync keeps
         "failed_meshes": p.failed,
+        "mesh_errors": p.errors,
+        "held": p.held,
         "changes": changes,
     }
     state.write_json_atomic(path, rec, root=sd)
@@ -206,6 +255,12 @@ def describe(p: Plan) -> str:
     lines = [f"add    {h}  {p.targets[h]['read_url']}" for h in p.added]
     lines += [f"remove {h}" for h in p.removed]
     lines += [f"keep   {h}  {p.targets[h]['read_url']}" for h in p.kept]
-    lines.append(f"{len(p.targets)} hosts: {len(p.added)} to add, {len(p.removed)} to remove, "
-                 f"{len(p.kept)} kept; {len(p.failed)} mesh(es) failed")
+    lines += [f"hold   {h}  (no mesh names it, kept while a mesh fails)" for h in p.held]
+    lines += [f"FAILED mesh {u}: {p.errors.get(u, 'failed')}" for u in p.failed]
+    summary = (f"{len(p.targets)} hosts: {len(p.added)} to add, {len(p.removed)} to remove, "
+               f"{len(p.kept)} kept; {len(p.failed)} mesh(es) failed")
+    if p.failed:
+        summary += (f"; {len(p.held)} held: nothing is removed while mesh "
+                    f"{', '.join(p.failed)} fails")
+    lines.append(summary)
     return "\n".join(lines)

@@ -5,18 +5,28 @@
 Sync writes those symlinks directly (one directory listing instead of 2 000
 ``systemctl is-enabled`` calls, and testable with a temp dir), then asks systemd
 once to reload and to start/stop only the timers that changed.
+
+Beside each link goes the host's schedule, the drop-in
+``psprobe@X.timer.d/10-phase.conf``: ``OnCalendar=`` every ``[collect] interval``
+at a phase (seconds into the interval) hashed from the host's name.  A calendar
+elapse is computed from the clock and the timer's last trigger, so no
+``daemon-reload`` can bring a run forward (an ``OnActiveSec=`` trigger counts
+again from every reload), and hashed phases spread 2 000 hosts evenly over the
+interval after a sync or a boot as much as in steady state, on systemd 239 too
+(no ``FixedRandomDelay=``).
 """
 
 from __future__ import annotations
 
 import calendar
 import contextlib
+import hashlib
 import logging
 import os
 import re
 import subprocess
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from psprobe import hostnames
@@ -26,6 +36,12 @@ log = logging.getLogger("psprobe.units")
 TIMER_WANTS = "timers.target.wants"
 TEMPLATE = "psprobe@.timer"
 _PREFIX, _SUFFIX = "psprobe@", ".timer"
+# The schedule drop-in sync writes in psprobe@<instance>.timer.d/.  Drop-ins apply in
+# file-name order across the template's and the instance's directories: "10-" comes
+# before an operator's own (override.conf of `systemctl edit`, or any name from a
+# letter on), so the operator's word on a timer is the last one.
+DROPIN = "10-phase.conf"
+DEFAULT_INTERVAL = 600  # [collect] interval
 # systemctl's text is parsed below: keep it in one language and one zone.
 _ENV = {"LC_ALL": "C", "TZ": "UTC", "SYSTEMD_PAGER": "", "SYSTEMD_COLORS": "0"}
 
@@ -42,30 +58,90 @@ def timer_name(host: str) -> str:
     return f"{_PREFIX}{hostnames.unit_instance(host)}{_SUFFIX}"
 
 
+def phase(host: str, interval: int) -> int:
+    """Seconds into every ``interval`` at which ``host`` is collected.
+
+    A hash of the canonical host name: the same on every machine and every sync
+    (no machine-id in it, unlike ``FixedRandomDelay=``), and even over the interval.
+    """
+    digest = hashlib.sha256(host.encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "big") % interval
+
+
+def on_calendar(host: str, interval: int) -> str:
+    """The ``OnCalendar=`` value of ``host``: every ``interval`` seconds, at its phase.
+
+    ``interval`` divides an hour (whole minutes) or a day (whole hours), as
+    ``[collect] interval`` guarantees, so the repetition never drifts across an
+    hour or a day.  In UTC, so that daylight saving time moves nothing.
+    """
+    if interval < 60 or interval % 60 or not (3600 % interval == 0 or
+                                               (interval % 3600 == 0 and 86400 % interval == 0)):
+        raise ValueError(f"interval {interval}s divides neither an hour nor a day in whole minutes")
+    p = phase(host, interval)
+    hh, mm, ss = p // 3600, p // 60 % 60, p % 60
+    if interval < 3600:
+        minutes = interval // 60
+        return f"*-*-* *:{'*' if minutes == 1 else f'{mm:02d}/{minutes}'}:{ss:02d} UTC"
+    hours = interval // 3600
+    hour = "*" if hours == 1 else f"{hh:02d}" if hours == 24 else f"{hh:02d}/{hours}"
+    return f"*-*-* {hour}:{mm:02d}:{ss:02d} UTC"
+
+
+def _span(seconds: int) -> str:
+    return f"{seconds // 3600}h" if seconds % 3600 == 0 else f"{seconds // 60}min"
+
+
+def dropin_text(host: str, interval: int) -> str:
+    """The content of ``host``'s schedule drop-in (see :data:`DROPIN`)."""
+    return (
+        f"# Written by psprobe sync for {host}: a run every {_span(interval)} ([collect] interval)\n"
+        "# at a phase hashed from the host's name. Sync rewrites it when the interval changes\n"
+        "# and removes it with the host: set the interval in the configuration.\n"
+        "[Timer]\n"
+        "# Empty first: drops the template's fallback triggers.\n"
+        "OnCalendar=\n"
+        f"OnCalendar={on_calendar(host, interval)}\n"
+        "RandomizedDelaySec=0\n"
+    )
+
+
+def dropin_path(unit_dir: Path, host: str) -> Path:
+    """``<unit_dir>/psprobe@<instance>.timer.d/10-phase.conf`` of a canonical host."""
+    return Path(unit_dir) / f"{timer_name(host)}.d" / DROPIN
+
+
 def enabled_hosts(unit_dir: Path) -> set[str]:
     """Hosts whose timer is enabled in ``unit_dir``: the set sync compares the meshes with."""
-    wants = Path(unit_dir) / TIMER_WANTS
+    return set(_enabled(Path(unit_dir), warn=True).values())
+
+
+def _enabled(unit_dir: Path, *, warn: bool = False) -> dict[str, str]:
+    """Link name -> host of every psprobe host timer link in ``unit_dir``."""
+    wants = unit_dir / TIMER_WANTS
     try:
         names = os.listdir(wants)
     except FileNotFoundError:
-        return set()
-    hosts = set()
+        return {}
+    hosts = {}
     for name in names:
         if not (name.startswith(_PREFIX) and name.endswith(_SUFFIX)):
             continue  # another package's timer
         instance = name[len(_PREFIX) : -len(_SUFFIX)]
         try:
-            hosts.add(hostnames.from_instance(instance))
+            hosts[name] = hostnames.from_instance(instance)
         except ValueError as e:
-            log.warning("ignoring %s in %s: not a psprobe host timer (%s)", name, wants, e)
+            if warn:
+                log.warning("ignoring %s in %s: not a psprobe host timer (%s)", name, wants, e)
     return hosts
 
 
-def _make_wants(wants: Path) -> None:
-    if not wants.is_dir():
-        wants.mkdir(parents=True, exist_ok=True)
-        # What systemctl enable would make, whatever the caller's umask.
-        os.chmod(wants, 0o755)  # noqa: S103  (a unit directory: systemd's own mode)
+def _make_dir(d: Path) -> None:
+    if not d.is_dir():
+        # What systemctl enable would make, whatever the caller's umask (sync's is 0007
+        # and its group psprobe: the service user must never write a unit file).
+        d.mkdir(mode=0o755, parents=True, exist_ok=True)
+        os.chmod(d, 0o755)  # noqa: S103  (a unit directory: systemd's own mode)
 
 
 def _link(wants: Path, name: str, target: Path) -> bool:
@@ -94,29 +170,142 @@ def _unlink(wants: Path, name: str) -> bool:
     return True
 
 
+def _read_dropin(path: Path) -> str | None:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except FileNotFoundError:
+        return None
+    except (OSError, UnicodeDecodeError) as e:
+        log.warning("replacing %s: %s", path, e)
+        return None
+
+
+def _write_dropin(path: Path, text: str) -> None:
+    """Make ``path`` hold ``text``: 0644, atomically."""
+    _make_dir(path.parent)
+    tmp = path.parent / f".{path.name}.tmp"
+    with contextlib.suppress(FileNotFoundError):
+        tmp.unlink()
+    # Created 0644 & ~umask, never group-writable even for an instant, then 0644.
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, path)
+
+
+def _remove_dropin(d: Path) -> bool:
+    """Remove sync's drop-in from the drop-in directory ``d`` (and ``d`` once empty)."""
+    try:
+        (d / DROPIN).unlink()
+    except FileNotFoundError:
+        return False
+    with contextlib.suppress(OSError):
+        d.rmdir()  # only when empty: the operator's own drop-ins stay, and their directory
+    return True
+
+
+def _sweep_dropins(unit_dir: Path, links: dict[str, str]) -> int:
+    """Remove sync's drop-ins whose enablement link is gone (disabled by hand, say)."""
+    try:
+        entries = os.listdir(unit_dir)
+    except FileNotFoundError:
+        return 0
+    swept = 0
+    for entry in entries:
+        name = entry[: -len(".d")]
+        if (entry.endswith(_SUFFIX + ".d") and entry.startswith(_PREFIX) and name != TEMPLATE
+                and name not in links and _remove_dropin(unit_dir / entry)):
+            swept += 1
+    return swept
+
+
+# A running timer reloaded with a new calendar fires at once when a time of the new
+# calendar passed since its last run (systemd computes the next elapse from there; a
+# stopped and restarted one, on 252, from its previous start).  Sync applies a changed
+# schedule to a running timer only when its next time is at least this far ahead...
+RESCHEDULE_MARGIN = 15
+# ...or else to at most this share of the hosts per sync (those then run at once, a
+# bounded burst); the others keep their schedule until a later sync.
+RESCHEDULE_AT_ONCE = 1 / 20
+
+
+def next_time(host: str, interval: int, after: float) -> int:
+    """The first time (epoch seconds) after ``after`` of ``host``'s calendar.
+
+    The calendar is in UTC and ``interval`` divides a day: epoch multiples of it
+    are its starts.
+    """
+    p = phase(host, interval)
+    return p + (int((after - p) // interval) + 1) * interval
+
+
+def _reschedulable(pending: dict[str, tuple[str, int]], hosts: int) -> tuple[list[str], list[str]]:
+    """Split timers whose schedule changed into (apply now, hold back).
+
+    ``pending``: link name -> (host, new interval); ``hosts``: all enabled.
+    One ``systemctl show`` says which timers run and when each last fired.
+    """
+    cp = _run("show", "-p", "Id", "-p", "ActiveState", "-p", "LastTriggerUSec",
+              "-p", "InactiveExitTimestamp", *pending)
+    props: dict[str, dict[str, str]] = {}
+    if cp.returncode == 0:
+        for block in cp.stdout.split("\n\n"):
+            p = dict(line.split("=", 1) for line in block.splitlines() if "=" in line)
+            if "Id" in p:
+                props[p["Id"]] = p
+    now = time.time()
+    ok, late = [], []
+    for name, (host, interval) in pending.items():
+        p = props.get(name)
+        if p is not None and p.get("ActiveState") in ("inactive", "failed"):
+            ok.append(name)  # not running: a reload arms nothing
+            continue
+        base = None if p is None else (_timestamp(p.get("LastTriggerUSec", ""))
+                                       or _timestamp(p.get("InactiveExitTimestamp", "")))
+        if base is not None and next_time(host, interval, base) > now + RESCHEDULE_MARGIN:
+            ok.append(name)
+        else:
+            late.append(name)
+    at_once = max(1, int(hosts * RESCHEDULE_AT_ONCE))
+    return ok + late[:at_once], late[at_once:]
+
+
 def apply(
     unit_dir: Path,
     add: Iterable[str],
     remove: Iterable[str],
     *,
+    interval: int | Callable[[str], int] = DEFAULT_INTERVAL,
     template_dir: Path = Path("/usr/lib/systemd/system"),
     systemctl: bool = True,
 ) -> None:
-    """Enable the timers of ``add`` and disable those of ``remove``.
+    """Enable the timers of ``add`` and disable those of ``remove``; keep the schedules.
 
-    Writes only inside ``unit_dir/timers.target.wants``.  When something
-    changed and ``systemctl`` is true: one ``daemon-reload``, then one
-    ``start --no-block`` of the new timers and one ``stop --no-block`` of the
-    removed ones.  Raises :class:`UnitsError` when systemctl fails.
+    Writes only inside ``unit_dir``: the links in ``timers.target.wants``, and
+    beside every link found there afterwards (sync's, or one made by hand) the
+    host's schedule drop-in (:func:`dropin_text`, ``interval`` seconds, or
+    ``interval(host)``), written only when its content changes; a drop-in
+    whose link is gone is removed.  When something changed and ``systemctl``
+    is true: one ``daemon-reload``, then one ``start --no-block`` of the new
+    timers and one ``stop --no-block`` of the removed ones.  Raises
+    :class:`UnitsError` when systemctl fails.
+
+    A timer already running whose schedule changes (a new interval, or the
+    first drop-in of a timer enabled without one) gets it only when the
+    reload will not fire it at once, or within :data:`RESCHEDULE_AT_ONCE`
+    of the hosts per call; the others keep theirs until a later call.
     """
-    wants = Path(unit_dir) / TIMER_WANTS
+    unit_dir = Path(unit_dir)
+    wants = unit_dir / TIMER_WANTS
     target = Path(template_dir) / TEMPLATE
     started = []
     stopped = []
     add = sorted(set(add))
     remove = sorted(set(remove) - set(add))
     if add:
-        _make_wants(wants)
+        _make_dir(wants)
     for host in add:
         name = timer_name(host)
         if _link(wants, name, target):
@@ -125,12 +314,33 @@ def apply(
         name = timer_name(host)
         if _unlink(wants, name):
             stopped.append(name)
-    if started or stopped:
-        log.info("timers enabled: %d, disabled: %d", len(started), len(stopped))
-    if not systemctl or not (started or stopped):
+    every = interval if callable(interval) else (lambda _host: interval)
+    links = _enabled(unit_dir)
+    new = set(started)
+    changed: dict[str, tuple[str, int, Path, str]] = {}
+    for name, host in sorted(links.items()):
+        seconds = every(host)
+        path, text = dropin_path(unit_dir, host), dropin_text(host, seconds)
+        if _read_dropin(path) != text:
+            changed[name] = (host, seconds, path, text)
+    pending = {n: (c[0], c[1]) for n, c in changed.items() if n not in new}
+    held: list[str] = []
+    rescheduled = list(pending)
+    if pending and systemctl:
+        rescheduled, held = _reschedulable(pending, len(links))
+    for name in sorted(new & set(changed)) + rescheduled:
+        _write_dropin(changed[name][2], changed[name][3])
+    swept = _sweep_dropins(unit_dir, links)
+    if started or stopped or rescheduled or swept:
+        log.info("timers enabled: %d, disabled: %d, rescheduled: %d; schedules removed: %d",
+                 len(started), len(stopped), len(rescheduled), swept)
+    if held:
+        log.info("schedule of %d host(s) kept until a later sync: applied now, it would run "
+                 "them at once", len(held))
+    if not systemctl or not (started or stopped or rescheduled or swept):
         return
     errors = []
-    steps = [("daemon-reload",)]
+    steps: list[tuple[str, ...]] = [("daemon-reload",)]
     if started:
         steps.append(("start", "--no-block", *started))
     if stopped:

@@ -23,7 +23,7 @@ def sim():
         yield s
 
 
-def setup(tmp_path: Path, sim: EsmondSim, bus, *, hours: float, chunk: int = 200):
+def make_world(tmp_path: Path, sim: EsmondSim, bus, *, hours: float, chunk: int = 200):
     """An archive of ``hours`` of points (every STEP s) per series; one regular collect done."""
     now = int(time.time())
     now -= now % STEP
@@ -57,7 +57,7 @@ def cli(conf, *args):
 
 
 def test_same_window_same_messages_same_ids_and_the_checkpoint_stays(tmp_path, sim, bus):
-    _h, host, conf, cfg, regular, _now = setup(tmp_path, sim, bus, hours=0.5)
+    _h, host, conf, cfg, regular, _now = make_world(tmp_path, sim, bus, hours=0.5)
     before = cp_bytes(cfg, host)
     first = min(ts for *_, ts in points(regular))
     r = cli(conf, "backfill", host, "--since", f"@{first}")
@@ -80,7 +80,7 @@ def test_same_window_same_messages_same_ids_and_the_checkpoint_stays(tmp_path, s
 
 
 def test_long_window_in_slices_every_point_once_with_progress_lines(tmp_path, sim, bus):
-    h, host, conf, cfg, _regular, now = setup(tmp_path, sim, bus, hours=60, chunk=100)
+    h, host, conf, cfg, _regular, now = make_world(tmp_path, sim, bus, hours=60, chunk=100)
     before = cp_bytes(cfg, host)
     since, until = now - 50 * 3600, now - 2 * 3600 - 1
     r = cli(conf, "backfill", host, "--since", time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(since)),
@@ -99,7 +99,7 @@ def test_long_window_in_slices_every_point_once_with_progress_lines(tmp_path, si
 
 
 def test_event_type_restricts(tmp_path, sim, bus):
-    _h, host, conf, _cfg, _regular, _now = setup(tmp_path, sim, bus, hours=1)
+    _h, host, conf, _cfg, _regular, _now = make_world(tmp_path, sim, bus, hours=1)
     r = cli(conf, "backfill", host, "--since", "2h", "--event-type", "throughput",
             "--event-type", "failures")
     assert r.exit_code == 0, r.output
@@ -109,7 +109,7 @@ def test_event_type_restricts(tmp_path, sim, bus):
 
 
 def test_a_running_collect_holds_it_off(tmp_path, sim, bus):
-    _h, host, conf, cfg, _regular, _now = setup(tmp_path, sim, bus, hours=1)
+    _h, host, conf, cfg, _regular, _now = make_world(tmp_path, sim, bus, hours=1)
     with checkpoint.host_lock(cfg.collect.state_dir, host):
         r = cli(conf, "backfill", host, "--since", "2h")
     assert r.exit_code == runner.BUSY == 75
@@ -118,7 +118,7 @@ def test_a_running_collect_holds_it_off(tmp_path, sim, bus):
 
 
 def test_stops_at_the_first_failing_slice_and_says_where_to_resume(tmp_path, sim, bus):
-    h, host, conf, cfg, _regular, now = setup(tmp_path, sim, bus, hours=10)
+    h, host, conf, cfg, _regular, now = make_world(tmp_path, sim, bus, hours=10)
     since, until = now - 9 * 3600, now
     parts = runner.slices(since, until)
     bad = parts[3][0]
@@ -172,7 +172,7 @@ def test_a_collect_held_off_by_a_backfill_says_so_and_is_recorded_as_skipped(tmp
                                                                             caplog):
     from psprobe import metrics, status
 
-    _h, host, _conf, cfg, _regular, _now = setup(tmp_path, sim, bus, hours=1)
+    _h, host, _conf, cfg, _regular, _now = make_world(tmp_path, sim, bus, hours=1)
     sd = cfg.collect.state_dir
     before = history.load_doc(sd, host)
     with checkpoint.host_lock(sd, host, kind="backfill"):
@@ -200,7 +200,7 @@ def test_a_collect_held_off_by_a_backfill_says_so_and_is_recorded_as_skipped(tmp
 
 def test_a_collect_held_off_by_a_collect_keeps_todays_line_and_records_nothing(tmp_path, sim, bus,
                                                                              caplog):
-    _h, host, _conf, cfg, _regular, _now = setup(tmp_path, sim, bus, hours=1)
+    _h, host, _conf, cfg, _regular, _now = make_world(tmp_path, sim, bus, hours=1)
     sd = cfg.collect.state_dir
     before = history.load_doc(sd, host)
     with checkpoint.host_lock(sd, host):
@@ -214,7 +214,7 @@ def test_a_collect_held_off_by_a_collect_keeps_todays_line_and_records_nothing(t
 
 def test_a_running_backfill_marks_the_lock_and_a_collect_meanwhile_is_skipped(tmp_path, sim, bus,
                                                                             caplog):
-    _h, host, _conf, cfg, _regular, now = setup(tmp_path, sim, bus, hours=3)
+    _h, host, _conf, cfg, _regular, now = make_world(tmp_path, sim, bus, hours=3)
     seen: list[tuple[str, int]] = []
 
     def progress(done, total, bf):

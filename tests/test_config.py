@@ -22,6 +22,7 @@ def test_defaults_match_the_documented_ones(tmp_path):
     assert cfg.broker.exchange == "osg.ps.raw"
     assert cfg.broker.routing_key_prefix == "perfsonar.raw."
     assert cfg.mesh.forget_after == 7 * 86400
+    assert cfg.collect.interval == 600
 
 
 def test_conf_d_read_in_name_order_and_later_wins(tmp_path):
@@ -65,6 +66,12 @@ def test_host_sections_override_one_host_only(tmp_path):
     ("mesh", "forget_after", "soon", "not a duration"),
     ("report", "to", "not-an-address", "e-mail"),
     ("collect", "no_such_key", "1", "unknown key"),
+    ("collect", "interval", "7min", "whole minutes dividing an hour or whole hours dividing a day"),
+    ("collect", "interval", "90s", "use 1, 2, 3, 4, 5, 6, 10, 12, 15, 20, 30 or 60min"),
+    ("collect", "interval", "30s", "or 2, 3, 4, 6, 8, 12 or 24h"),
+    ("collect", "interval", "48h", "whole hours dividing a day"),
+    ("collect", "interval", "0", "whole minutes"),
+    ("collect", "interval", "soon", "not a duration"),
 ])
 def test_bad_value_is_one_line_naming_file_section_and_key(tmp_path, section, key, value, words):
     p = write_config(tmp_path / "p.conf", {section: {key: value}})
@@ -74,6 +81,25 @@ def test_bad_value_is_one_line_naming_file_section_and_key(tmp_path, section, ke
     assert "\n" not in msg
     assert msg.startswith(f"{p}: [{section}] {key}: ")
     assert words in msg
+
+
+@pytest.mark.parametrize(("text", "seconds"), [
+    ("1min", 60), ("5m", 300), ("10min", 600), ("600", 600), ("15min", 900), ("30min", 1800),
+    ("60min", 3600), ("1h", 3600), ("2h", 7200), ("6h", 21600), ("12h", 43200), ("24h", 86400),
+    ("1d", 86400),
+])
+def test_interval_takes_what_divides_an_hour_or_a_day(tmp_path, text, seconds):
+    cfg = config.load(str(write_config(tmp_path / "p.conf", {"collect": {"interval": text}})))
+    assert cfg.collect.interval == seconds
+    assert isinstance(cfg.collect.interval, int)
+
+
+def test_interval_per_host(tmp_path):
+    p = write_config(tmp_path / "p.conf", {"collect": {"interval": "5min"},
+                                           "host slow.example.org": {"interval": "1h"}})
+    cfg = config.load(str(p))
+    assert cfg.for_host("slow.example.org").collect.interval == 3600
+    assert cfg.for_host("other.example.org").collect.interval == 300
 
 
 def test_unknown_section_and_bad_host_section(tmp_path):

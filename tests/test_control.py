@@ -119,3 +119,31 @@ def test_every_operator_command_has_help():
     for cmd in ("status", "logs", "pause", "resume", "backfill", "report"):
         r = cli_runner().invoke(main, [cmd, "--help"])
         assert r.exit_code == 0 and "Usage: main " + cmd in r.output.replace("psprobe", "main")
+
+
+def test_logs_finds_the_one_host_of_that_name_whatever_its_port(tmp_path):
+    conf, _ = world(tmp_path)  # knows b.example:8443
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    rec = tmp_path / "args"
+    fake = bindir / "journalctl"
+    fake.write_text(f"#!/bin/sh\nprintf '%s\\n' \"$@\" > {rec}\n")
+    fake.chmod(0o755)
+    env = {"PATH": f"{bindir}:{os.environ['PATH']}"}
+    r = cli_runner().invoke(main, ["--config", str(conf), "logs", "B.example", "-n", "5"], env=env)
+    assert r.exit_code == 0, r.output
+    unit = f"psprobe@{hostnames.unit_instance('b.example:8443')}.service"
+    assert rec.read_text().splitlines() == ["-u", unit, "-n", "5"]
+    # two ports of one name: which one is not guessed
+    rec.unlink()
+    units.apply(Path(config.load(str(conf)).mesh.unit_dir), ["b.example:9443"], [], systemctl=False)
+    r = cli_runner().invoke(main, ["--config", str(conf), "logs", "b.example"], env=env)
+    assert r.exit_code == 2 and not rec.exists()
+    lines = [ln for ln in r.output.splitlines() if ln.strip()]
+    assert len(lines) == 1
+    assert "b.example: 2 known hosts have that name: b.example:8443, b.example:9443" in lines[0]
+    # the full name still works, and so does a host without a port
+    r = cli_runner().invoke(main, ["--config", str(conf), "logs", "b.example:9443"], env=env)
+    assert r.exit_code == 0 and rec.read_text().splitlines()[1] == "psprobe@b.example:9443.service"
+    r = cli_runner().invoke(main, ["--config", str(conf), "logs", "a.example"], env=env)
+    assert r.exit_code == 0 and rec.read_text().splitlines()[1] == "psprobe@a.example.service"

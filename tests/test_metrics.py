@@ -152,10 +152,20 @@ def test_sync_writes_its_metrics_and_drops_removed_hosts(tmp_path):
     p = sync.plan(cfg, udir, sync.fetcher(cfg), now=2000.0)  # the mesh file is missing: failed
     sync.apply(cfg, p, udir, now=2000.0, systemctl=False)
     got = parse((prom / "psprobe_sync.prom").read_text())
-    assert got[("psprobe_sync_hosts", None)] == 1
+    # b.example left, but nothing is removed while a mesh fails: it is held
+    assert got[("psprobe_sync_hosts", None)] == 2
     assert got[("psprobe_sync_failed_meshes", None)] == 1
     assert got[("psprobe_sync_last_run_timestamp_seconds", None)] == 2000
     assert got[("psprobe_sync_last_success_timestamp_seconds", None)] == 1000
+    assert (prom / "psprobe_host_b.example.prom").exists()
+    assert units.enabled_hosts(udir) == {"a.example", "b.example"}
+    mesh_file.write_text('{"organizations": []}')  # the mesh answers: b.example goes
+    p = sync.plan(cfg, udir, sync.fetcher(cfg), now=3000.0)
+    sync.apply(cfg, p, udir, now=3000.0, systemctl=False)
+    got = parse((prom / "psprobe_sync.prom").read_text())
+    assert got[("psprobe_sync_hosts", None)] == 1
+    assert got[("psprobe_sync_failed_meshes", None)] == 0
+    assert got[("psprobe_sync_last_success_timestamp_seconds", None)] == 3000
     assert sorted(x.name for x in prom.iterdir()) == ["psprobe_host_a.example.prom", "psprobe_sync.prom"]
     assert units.enabled_hosts(udir) == {"a.example"}
 

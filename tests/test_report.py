@@ -155,7 +155,7 @@ def test_mail_to_given_addresses_html_with_text_part(tmp_path, smtp):
 def test_mail_flag_uses_configured_recipients_and_format(tmp_path, smtp):
     now = time.time()
     conf = prepared(tmp_path, now, {"a.example": {"runs": [run(now - 600)], "newest": int(now - 100)}})
-    assert cli(conf, "report", "--mail").exit_code == 2  # [report] to is empty
+    assert cli(conf, "report", "--mail").exit_code == 78  # [report] to is empty: EX_CONFIG
     with_report(conf, smtp_host="127.0.0.1", smtp_port=smtp.port, to="a@example.org, b@example.org")
     r = cli(conf, "report", "--mail", "--format", "text")
     assert r.exit_code == 0, r.output

@@ -318,6 +318,140 @@ def test_preset_leaves_collection_off(built, tmp_path):
     assert enabled(bare) == set(timers)
 
 
+# --- packaging/make-tarball.sh never packs less than the operator thinks ------------------
+
+
+def _clone(tmp_path: Path) -> Path:
+    """A clone of this repository whose committed make-tarball.sh is the one being tested."""
+    if shutil.which("git") is None:
+        pytest.skip("git is not installed")
+    clone = tmp_path / "clone"
+    run("git", "clone", "-q", ROOT, clone)
+    shutil.copy2(ROOT / "packaging" / "make-tarball.sh", clone / "packaging" / "make-tarball.sh")
+    git = ["git", "-C", clone, "-c", "user.name=test", "-c", "user.email=test@localhost"]
+    if run("git", "-C", clone, "status", "--porcelain").stdout:
+        run(*git, "commit", "-q", "-am", "the make-tarball.sh under test")
+    return clone
+
+
+def _tarball(clone: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([str(clone / "packaging" / "make-tarball.sh"), *args], capture_output=True,
+                          text=True, cwd=clone)
+
+
+def _spec_in(tarball: Path) -> str:
+    import tarfile
+
+    with tarfile.open(tarball) as t:
+        return t.extractfile(f"psprobe-{version()}/psprobe.spec").read().decode()
+
+
+def test_make_tarball_refuses_a_dirty_tree_and_says_what_it_leaves_out(tmp_path):
+    clone = _clone(tmp_path)
+    out = tmp_path / "out"
+    p = _tarball(clone, str(out))
+    assert p.returncode == 0 and p.stderr == "", p.stderr  # clean: quiet
+    tarball = Path(p.stdout.strip())
+    assert "Release:        1%{?dist}" in _spec_in(tarball)
+    tarball.unlink()
+
+    spec = clone / "psprobe.spec"
+    spec.write_text(spec.read_text().replace("Release:        1%{?dist}", "Release:        2%{?dist}"))
+    (clone / "notes.txt").write_text("untracked\n")
+    p = _tarball(clone, str(out))
+    assert p.returncode == 1, p.stderr
+    assert "UNCOMMITTED CHANGES" in p.stderr and "psprobe.spec" in p.stderr and "refusing" in p.stderr
+    assert p.stdout == "" and not tarball.exists()
+
+    p = _tarball(clone, "--allow-dirty", str(out))  # HEAD anyway, told loudly what is not in it
+    assert p.returncode == 0, p.stderr
+    assert "WARNING: packaging HEAD without those changes" in p.stderr and "psprobe.spec" in p.stderr
+    assert "untracked files are not in the tarball" in p.stderr and "notes.txt" in p.stderr
+    assert "Release:        1%{?dist}" in _spec_in(Path(p.stdout.strip()))
+
+    p = _tarball(clone, "--worktree", str(out))  # what is on disk, the bumped Release with it
+    assert p.returncode == 0, p.stderr
+    assert "Release:        2%{?dist}" in _spec_in(Path(p.stdout.strip()))
+
+
+def test_make_tarball_in_the_work_tree_does_not_pack_its_last_tarball(tmp_path):
+    """With no OUTDIR the tarball lands in the current directory, often the work tree."""
+    import tarfile
+
+    clone = _clone(tmp_path)
+    p = _tarball(clone)
+    assert p.returncode == 0, p.stderr
+    first = Path(p.stdout.strip())
+    assert first.parent == clone
+    p = _tarball(clone)  # the first tarball is untracked: not a reason to refuse, not packed
+    assert p.returncode == 0 and "psprobe-" not in p.stderr, p.stderr
+    p = _tarball(clone, "--worktree")
+    assert p.returncode == 0, p.stderr
+    with tarfile.open(p.stdout.strip()) as t:
+        assert not [n for n in t.getnames() if n.endswith(".tar.gz")]
+
+
+# --- %check needs nothing but the BuildRequires ------------------------------------------
+
+# What a BuildRequires stands for when the spec is built for rhel 8 and rhel 9.
+EL_RELEASES = ("8", "9")
+
+
+def spec_for(rhel: str) -> str:
+    """The spec as rpmbuild reads it for EL ``rhel`` (conditionals evaluated, macros expanded)."""
+    return run("rpmspec", "--load", MACROS, "--define", f"rhel {rhel}", "-P", SPEC).stdout
+
+
+def build_requires(rhel: str) -> set[str]:
+    out = run("rpmspec", "--load", MACROS, "--define", f"rhel {rhel}", "-q", "--buildrequires",
+              SPEC).stdout
+    return {line.split()[0] for line in out.splitlines() if line.strip()}
+
+
+def check_script(rhel: str) -> str:
+    """The body of %check (empty when the spec has none)."""
+    m = re.search(r"^%check\n(.*?)^%(?:pre|post|files|changelog)\b", spec_for(rhel), re.M | re.S)
+    return m.group(1) if m else ""
+
+
+def third_party_imports(path: Path) -> set[str]:
+    """Top-level names ``path`` imports that are neither the standard library nor this tree's."""
+    import ast
+
+    local = {p.stem for p in (ROOT / "tests").rglob("*.py")} | {
+        p.name for p in (ROOT / "tests").iterdir() if p.is_dir()} | {"psprobe", "tests"}
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            names |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
+            names.add(node.module.split(".")[0])
+    return {n for n in names if n not in sys.stdlib_module_names and n not in local}
+
+
+@pytest.mark.parametrize("rhel", EL_RELEASES)
+def test_check_imports_only_what_is_build_required(rhel):
+    """Every module a test file %check collects imports (pytest imports them all, -m only
+    deselects afterwards) is a BuildRequires of that EL; a file that needs more is left out
+    with --ignore. Static: tests/system/test_rpm_install.py runs %check on the BuildRequires."""
+    if not hasattr(sys, "stdlib_module_names"):
+        pytest.skip("needs Python 3.10's sys.stdlib_module_names")
+    if shutil.which("rpmspec") is None:
+        pytest.skip("rpmspec is not installed (apt-get install -y rpm)")
+    script = check_script(rhel)
+    assert "pytest" in script, script
+    ignored = {ROOT / p for p in re.findall(r"--ignore=(\S+)", script)}
+    have = build_requires(rhel)
+    missing = {}
+    for f in sorted((ROOT / "tests").rglob("*.py")):
+        if f in ignored or any(d in f.parents for d in ignored):
+            continue
+        for name in third_party_imports(f):
+            if f"python3-{name.lower()}" not in have:
+                missing.setdefault(f"python3-{name.lower()}", []).append(str(f.relative_to(ROOT)))
+    assert missing == {}, f"EL{rhel}: not in BuildRequires: {missing}"
+
+
 def test_check_section_runs_the_unit_tests(tmp_path):
     """%check works here when this interpreter has the test dependencies."""
     if shutil.which("rpmbuild") is None:

@@ -182,8 +182,10 @@ def test_early_only_for_a_plain_collect(tmp_path, monkeypatch, argv):
 
 def test_early_takes_the_slot_of_the_named_config(tmp_path, monkeypatch):
     monkeypatch.setattr(slots, "_held", None)
+    # state_dir: as root, early() becomes its owner (root's own here, never the default's)
     conf = write_config(tmp_path / "c.conf", {"collect": {"runtime_dir": tmp_path / "r",
-                                                          "max_concurrent": 2}})
+                                                          "max_concurrent": 2,
+                                                          "state_dir": tmp_path / "state"}})
     s = slots.early(["-v", f"--config={conf}", "collect", "ps.example.org"])
     try:
         assert s is not None and s.path in (str(tmp_path / "r" / "slot.0"),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -268,3 +269,207 @@ def test_span_and_status_help_is_cheap():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          cwd=Path(__file__).resolve().parent.parent, env={**os.environ}).stdout
     assert out.strip().splitlines()[-1] == "['psprobe', 'psprobe.cli', 'psprobe.log']"
+
+
+# --- systemd's view (one `systemctl show`), paused and stopped timers, failing meshes
+
+
+def _stamp(ts: float) -> str:
+    """A timestamp as systemctl shows it with TZ=UTC and LC_ALL=C."""
+    return time.strftime("%a %Y-%m-%d %H:%M:%S UTC", time.gmtime(ts))
+
+
+def service_block(host: str, active: str, result: str, status_: int, started: float,
+                  code: int = 1) -> str:
+    """One `systemctl show` block of a psprobe@ service, in systemd 252's order."""
+    return (f"Result={result}\nExecMainStartTimestamp={_stamp(started)}\n"
+            f"ExecMainExitTimestamp={_stamp(started + 1)}\nExecMainCode={code}\n"
+            f"ExecMainStatus={status_}\nId=psprobe@{units.hostnames.unit_instance(host)}.service\n"
+            f"ActiveState={active}\n")
+
+
+def timer_block(host: str, active: str = "active", mono: str = "") -> str:
+    return (f"NextElapseUSecRealtime=\nNextElapseUSecMonotonic={mono}\nResult=success\n"
+            f"Id={units.timer_name(host)}\nActiveState={active}\n")
+
+
+class FakeSystemctl:
+    """Answers `systemctl show` with ``blocks``; records every call."""
+
+    def __init__(self, *blocks: str, rc: int = 0, stderr: str = "") -> None:
+        self.out, self.rc, self.stderr = "\n".join(blocks), rc, stderr
+        self.calls: list[tuple[tuple[str, ...], dict]] = []
+
+    def __call__(self, *args: str, **kw) -> subprocess.CompletedProcess:
+        self.calls.append((args, kw))
+        return subprocess.CompletedProcess(["systemctl", *args], self.rc, self.out, self.stderr)
+
+
+@pytest.fixture
+def under_systemd(monkeypatch):
+    """`psprobe status` as on a machine where systemd runs, systemctl answering ``fake``."""
+    def use(fake: FakeSystemctl) -> FakeSystemctl:
+        monkeypatch.setattr(status, "systemd_runs", lambda unit_dir: True)
+        monkeypatch.setattr(units, "systemctl", fake)
+        return fake
+    return use
+
+
+def test_a_run_systemd_saw_fail_before_it_wrote_its_record_is_failing(tmp_path, under_systemd):
+    """The record says ok, systemd says the last run exited 74 (state unusable): failing."""
+    now = time.time()
+    conf = prepared(tmp_path, now, {
+        "a.example": {"runs": [run(now - 3600)], "newest": int(now - 300)},
+        "b.example:8443": {"runs": [run(now - 60)], "newest": int(now - 100)},
+        "c.example": {"runs": [run(now - 60)], "newest": int(now - 100)},
+    })
+    fake = under_systemd(FakeSystemctl(
+        timer_block("a.example", mono="1h"), timer_block("b.example:8443"), timer_block("c.example"),
+        service_block("a.example", "failed", "exit-code", 74, now - 120),
+        service_block("b.example:8443", "inactive", "success", 0, now - 62),
+    ))
+    r = cli(conf, "status")
+    assert r.exit_code == 1, r.output
+    # one systemctl for everything, with a timeout: the timers by name, the services by pattern
+    assert len(fake.calls) == 1
+    args, kw = fake.calls[0]
+    assert args[0] == "show" and args[-1] == "psprobe@*.service" and kw.get("timeout")
+    assert units.timer_name("b.example:8443") in args
+    lines = r.stdout.splitlines()
+    assert lines[1].split()[:3] == ["a.example", "FAILING", "on"]
+    when = time.strftime("%H:%M", time.gmtime(now - 119))
+    assert (f"a.example: systemd: exit status 74/IOERR (last run {when} UTC), no run record written"
+            in lines)
+    assert lines[-1].startswith("3 hosts: 1 failing, 2 ok")
+    js = json.loads(cli(conf, "status", "--json").stdout)
+    a = next(h for h in js["hosts"] if h["host"] == "a.example")
+    assert (a["health"], a["status"], a["result"], a["failures"]) == ("failing", 74, "FAILED", 1)
+    assert a["unit"]["active"] == "failed" and a["unit"]["exit_status"] == 74
+    assert abs(a["last_run"] - (now - 119)) < 2  # systemd's run, not the older record
+    # the same failure once its record is there: the record's own error is shown
+    hd = state.host_dir(config.load(str(conf)).collect.state_dir, "a.example")
+    state.write_json_atomic(hd / "history.json", {"version": 1, "runs": [
+        run(now - 3600), run(now - 119, 74, 0, "hosts/a.example/checkpoint.json: disk full",
+                             start=now - 119.5)]})
+    r = cli(conf, "status")
+    assert "a.example: hosts/a.example/checkpoint.json: disk full" in r.stdout.splitlines()
+
+
+def test_systemd_agrees_with_systemctl_failed_whatever_the_records_say(tmp_path, under_systemd):
+    """Every unit systemd lists failed is a failing host (or, without a timer, said so)."""
+    now = time.time()
+    conf = prepared(tmp_path, now, {
+        "ok.example": {"runs": [run(now - 60)], "newest": int(now - 100)},
+        "crashed.example": {"runs": [run(now - 40, start=now - 41)], "newest": int(now - 100)},
+        "later.example": {"runs": [run(now - 10, start=now - 12)], "newest": int(now - 100)},
+        "killed.example": {"runs": [run(now - 4000)], "newest": int(now - 100)},
+        "gone.example": {"runs": [run(now - 4000)], "enabled": False, "newest": int(now - 100)},
+    })
+    under_systemd(FakeSystemctl(
+        # exited 1 after writing an ok record (e.g. during the broker's close)
+        service_block("crashed.example", "failed", "exit-code", 1, now - 42),
+        # a later run by hand was fine, systemd still remembers the failed one
+        service_block("later.example", "failed", "exit-code", 69, now - 600),
+        service_block("killed.example", "failed", "timeout", 9, now - 1000, code=2),
+        service_block("gone.example", "failed", "exit-code", 1, now - 5000),
+        # a host psprobe has no state for at all: systemd's word is all there is
+        service_block("nostate.example", "failed", "exit-code", 74, now - 30),
+    ))
+    r = cli(conf, "status")
+    assert r.exit_code == 1
+    rows = {ln.split()[0]: ln.split()[1] for ln in r.stdout.splitlines()[1:7]}
+    assert rows == {"crashed.example": "FAILING", "later.example": "FAILING",
+                    "killed.example": "FAILING", "nostate.example": "disabled",
+                    "gone.example": "disabled", "ok.example": "ok"}
+    out = r.stdout
+    assert "crashed.example: systemd: exit status 1/FAILURE (last run" in out
+    assert "after its run record (ok) was written" in out
+    assert "later.example: systemd: exit status 69/UNAVAILABLE" in out
+    assert "a later run (10s ago) was ok: `systemctl reset-failed psprobe@later.example.service`" in out
+    assert "killed.example: systemd: timed out (TimeoutStartSec), killed by signal KILL" in out
+    assert "gone.example: no timer, but systemd still lists its last run failed" in out
+    assert "nostate.example: no timer, but systemd still lists" in out
+
+
+def test_systemd_not_answering_is_said_not_hidden(tmp_path, under_systemd):
+    now = time.time()
+    conf = prepared(tmp_path, now, {"a.example": {"runs": [run(now - 60)], "newest": int(now - 100)}})
+    under_systemd(FakeSystemctl(rc=124, stderr="systemctl: no answer in 15s"))
+    r = cli(conf, "status")
+    assert r.exit_code == 0
+    assert "systemd did not answer (systemctl: no answer in 15s)" in r.stdout
+    assert json.loads(cli(conf, "status", "--json").stdout)["systemd_error"]
+
+
+def test_a_paused_or_stopped_timer_is_shown_as_such(tmp_path, under_systemd):
+    now = time.time()
+    conf = prepared(tmp_path, now, {
+        "a.example": {"runs": [run(now - 60)], "newest": int(now - 100)},
+        "b.example": {"runs": [run(now - 60)], "newest": int(now - 100)},
+        "off.example": {"runs": [run(now - 60)], "enabled": False, "newest": int(now - 100)},
+    })
+    under_systemd(FakeSystemctl(timer_block("a.example", mono="1h"),
+                                timer_block("b.example", active="inactive", mono="infinity")))
+    r = cli(conf, "status")
+    timers = {ln.split()[0]: ln.split()[2] for ln in r.stdout.splitlines()[1:4]}
+    assert timers == {"a.example": "on", "b.example": "stopped", "off.example": "off"}
+    assert "1 host timer(s) not running though enabled (b.example): `psprobe resume` starts them" \
+        in r.stdout
+    # `psprobe pause`: its marker, and every timer stopped
+    cfg = config.load(str(conf))
+    state.write_json_atomic(Path(cfg.collect.state_dir) / "paused.json", {"time": now - 60, "by": "op"})
+    under_systemd(FakeSystemctl(timer_block("a.example", active="inactive"),
+                                timer_block("b.example", active="inactive")))
+    r = cli(conf, "status")
+    timers = {ln.split()[0]: ln.split()[2] for ln in r.stdout.splitlines()[2:5]}
+    assert timers == {"a.example": "paused", "b.example": "paused", "off.example": "off"}
+    assert "not running though enabled" not in r.stdout
+    js = json.loads(cli(conf, "status", "--json").stdout)
+    assert {h["host"]: h["timer"] for h in js["hosts"]}["a.example"] == "paused"
+
+
+def test_a_failed_mesh_is_an_alarm_naming_it(tmp_path):
+    now = time.time()
+    conf = prepared(tmp_path, now, {"a.example": {"runs": [run(now - 60)], "newest": int(now - 100)}})
+    cfg = config.load(str(conf))
+    typo = "https://meshconfig.example.org/pub/config/us-atlass"
+    state.write_json_atomic(Path(cfg.collect.state_dir) / "sync.json", {
+        "last_run": now - 300, "last_success": now - 9000, "hosts": ["a.example"],
+        "failed_meshes": [typo], "mesh_errors": {typo: "cannot fetch: HTTPError: 404"},
+        "held": ["a.example"], "changes": []})
+    r = cli(conf, "status")
+    assert r.exit_code == 1, r.output
+    assert (f"mesh {typo}: FAILED at the last sync (5m ago): cannot fetch: HTTPError: 404"
+            in r.stdout.splitlines())
+    assert "while a mesh fails, sync adds hosts but removes none (1 kept that no mesh names now)" \
+        in r.stdout
+    js = json.loads(cli(conf, "status", "--json").stdout)
+    assert js["alarm"] is True and js["failed_meshes"] == [typo]
+    assert js["sync"]["mesh_errors"] == {typo: "cannot fetch: HTTPError: 404"}
+
+
+def test_systemd_view_parses_what_systemctl_shows():
+    """The blocks of one `systemctl show`: escaped IPv6 instances, other units ignored."""
+    v6 = "[2001:db8::1]:8443"
+    fake = FakeSystemctl(
+        timer_block("a.example", mono="1h 7min 21.540321s"),
+        service_block(v6, "failed", "signal", 15, 1_800_000_000, code=2),
+        service_block("a.example", "inactive", "success", 0, 1_800_000_000),
+        "Id=psprobe@bad..name.service\nActiveState=failed\n",
+        "Id=psprobe-sync.service\nActiveState=failed\n",
+    )
+    import psprobe.units as u
+
+    real = u.systemctl
+    u.systemctl = fake
+    try:
+        view = status.systemd_view(["a.example"])
+    finally:
+        u.systemctl = real
+    assert view.error is None and view.timers == {"a.example": "active"}
+    boot = time.time() - time.monotonic()  # a monotonic elapse time counts from boot
+    assert abs(view.next_run["a.example"] - (boot + 3600 + 7 * 60 + 21.540321)) < 1
+    assert set(view.units) == {v6, "a.example"}
+    assert view.units[v6].failed and view.units[v6].reason(1_800_000_100) == \
+        "systemd: killed by signal TERM (last run 08:00 UTC)"
+    assert view.units["a.example"].exited == 1_800_000_001

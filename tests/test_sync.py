@@ -86,7 +86,7 @@ def test_sync_writes_targets_and_links_then_removes_a_host_that_left(site):
     assert rec["changes"][-1]["removed"] == ["ps-a.example.org"]
 
 
-def test_unreachable_mesh_keeps_its_last_good_hosts_until_forget_after(site):
+def test_unreachable_mesh_keeps_its_last_good_hosts_and_removes_none_after_forget_after(site):
     tmp_path, conf = site
     assert run_sync(conf, "--no-systemctl").returncode == 0
     (tmp_path / "a.json").write_text("{ this is not json")
@@ -94,11 +94,13 @@ def test_unreachable_mesh_keeps_its_last_good_hosts_until_forget_after(site):
     assert p.returncode == 1  # said, and visible as a failed sync
     assert "keeping its last good list of 2 hosts" in p.stderr
     assert links(tmp_path) == {f"psprobe@{h}.timer" for h in EXPECTED}
-    # the same failure a long time later: the mesh no longer counts
+    # the same failure a long time later: the list no longer counts (ps-a is no longer a
+    # target), but nothing is removed while the mesh fails
     cfg = config.load(str(conf))
     later = msync.plan(cfg, tmp_path / "systemd", msync.fetcher(cfg),
                        now=cfg.mesh.forget_after + 10 ** 10, save=False)
-    assert later.removed == ["ps-a.example.org"]
+    assert "ps-a.example.org" not in later.targets
+    assert later.removed == [] and later.held == ["ps-a.example.org"]
     assert f"{tmp_path}/a.json" in later.failed
 
 
@@ -132,7 +134,7 @@ def test_hostile_names_are_rejected_and_nothing_is_written_outside_the_unit_dir(
     allowed = (tmp_path / "systemd", tmp_path / "state")
     assert all(any(n == a or a in n.parents for a in allowed) for n in new)
     assert {p.name for p in (tmp_path / "state" / "hosts").iterdir()} == {"good.example.org"}
-    warnings = [line for line in p.stderr.splitlines() if line.startswith("<4>")]
+    warnings = [line for line in p.stderr.splitlines() if line.startswith("warning: ")]
     assert len(warnings) >= len(bad)
     assert all(str(tmp_path / "m.json") in w for w in warnings[: len(bad)])
 
@@ -145,3 +147,113 @@ def test_real_meshconfig_document_from_shared_formats(tmp_path):
     p = run_sync(conf, "--dry-run")
     assert p.returncode == 0, p.stderr
     assert p.stdout.splitlines()[0].split()[:2] == ["add", "perfsonar-testbed-ma.grnoc.iu.edu"]
+
+
+def cli_status(conf: Path, *args: str):
+    from conftest import cli_runner
+
+    from psprobe.cli import main
+
+    return cli_runner().invoke(main, ["--config", str(conf), "status", *args])
+
+
+THREE = ("ps-1.example.org", "ps-2.example.org", "ps-3.example.org:8085")
+
+
+def test_a_mistyped_mesh_url_disables_no_host_until_every_mesh_answers(tmp_path):
+    """The reproduction: a mesh URL that never answered (no last good list) disabled all 3."""
+    (tmp_path / "mesh.json").write_text(meshconfig(*THREE))
+    good = str(tmp_path / "mesh.json")
+    typo = str(tmp_path / "mesh.jsn")
+
+    def configure(url: str) -> Path:
+        return write_config(tmp_path / "psprobe.conf", {
+            "collect": {"state_dir": tmp_path / "state"},
+            "mesh": {"urls": url, "unit_dir": tmp_path / "systemd"},
+            "metrics": {"textfile_dir": ""}})
+
+    conf = configure(good)
+    assert run_sync(conf, "--no-systemctl").returncode == 0
+    assert links(tmp_path) == {f"psprobe@{h}.timer" for h in THREE}
+    conf = configure(typo)
+    p = run_sync(conf, "--no-systemctl")
+    assert p.returncode == 1
+    assert links(tmp_path) == {f"psprobe@{h}.timer" for h in THREE}  # 0 removed
+    assert f"3 host(s) would be removed but mesh {typo} failed: keeping them" in p.stderr
+    assert "removed=0 kept=0 held=3 failed_meshes=1" in p.stderr
+    rec = state.read_json(tmp_path / "state/sync.json")
+    assert rec["failed_meshes"] == [typo] and rec["held"] == sorted(THREE)
+    assert rec["mesh_errors"][typo].startswith("cannot read")
+    assert rec["hosts"] == sorted(THREE)
+    # psprobe status: exit 1, naming the mesh (text and --json)
+    r = cli_status(conf)
+    assert r.exit_code == 1, r.output
+    assert any(ln.startswith(f"mesh {typo}: FAILED at the last sync") for ln in r.stdout.splitlines())
+    js = json.loads(cli_status(conf, "--json").stdout)
+    assert js["alarm"] is True and js["failed_meshes"] == [typo]
+    # sync --dry-run says it too
+    p = run_sync(conf, "--dry-run")
+    assert p.returncode == 1
+    assert f"FAILED mesh {typo}: cannot read" in p.stdout
+    assert {ln.split()[1] for ln in p.stdout.splitlines() if ln.startswith("hold ")} == set(THREE)
+    assert p.stdout.splitlines()[-1].endswith(f"3 held: nothing is removed while mesh {typo} fails")
+    # the URL fixed, and the mesh answers without ps-2: now it is removed
+    (tmp_path / "mesh.json").write_text(meshconfig(THREE[0], THREE[2]))
+    conf = configure(good)
+    p = run_sync(conf, "--no-systemctl")
+    assert p.returncode == 0, p.stderr
+    assert links(tmp_path) == {f"psprobe@{h}.timer" for h in (THREE[0], THREE[2])}
+    assert f"sync: removed {THREE[1]}" in p.stderr
+    assert cli_status(conf).exit_code == 0
+    assert state.read_json(tmp_path / "state/sync.json")["failed_meshes"] == []
+
+
+def test_while_a_mesh_fails_only_an_explicit_exclude_removes_a_host(site):
+    tmp_path, conf = site
+    assert run_sync(conf, "--no-systemctl").returncode == 0
+    (tmp_path / "b.json").write_text("garbage")  # mesh b fails, with its last good list
+    (tmp_path / "a.json").write_text(meshconfig("ps-a.example.org"))  # ps-b leaves mesh a
+    text = conf.read_text().replace("exclude = ps-gone.example.org",
+                                    "exclude = ps-gone.example.org, ps-url.example.org:9443")
+    conf.write_text(text)
+    p = run_sync(conf, "--no-systemctl")
+    assert p.returncode == 1
+    # ps-b is still named by mesh b's last good list: kept; ps-url is excluded: removed
+    assert links(tmp_path) == {f"psprobe@{h}.timer" for h in EXPECTED - {"ps-url.example.org:9443"}}
+    assert "sync: removed ps-url.example.org:9443" in p.stderr
+
+
+def test_the_default_metrics_dir_missing_is_silent_a_set_one_warns(tmp_path):
+    """Without node_exporter the default [metrics] textfile_dir does not exist: no warning
+    every run (18 of 30 warning lines in a week's journal); a directory the operator set is."""
+    import logging
+
+    from psprobe import metrics
+
+    default = config.Metrics().textfile_dir
+    if os.path.isdir(default):
+        pytest.skip("node_exporter's directory exists here")
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append  # type: ignore[method-assign]
+    logging.getLogger("psprobe").addHandler(handler)
+    try:
+        assert not metrics.write_sync(default, {"hosts": []})
+        assert [r.levelno for r in records if "textfile_dir" in r.getMessage()] == [logging.DEBUG]
+        records.clear()
+        assert not metrics.write_sync(str(tmp_path / "prom-set-by-operator"), {"hosts": []})
+        assert [r.levelno for r in records if "textfile_dir" in r.getMessage()] == [logging.WARNING]
+    finally:
+        logging.getLogger("psprobe").removeHandler(handler)
+
+
+def test_a_sync_with_the_real_default_metrics_dir_warns_nothing(tmp_path):
+    if os.path.isdir(config.Metrics().textfile_dir):
+        pytest.skip("node_exporter's directory exists here")
+    (tmp_path / "m.json").write_text(meshconfig("ps-a.example.org"))
+    conf = write_config(tmp_path / "psprobe.conf", {
+        "collect": {"state_dir": tmp_path / "state"},
+        "mesh": {"urls": f"{tmp_path}/m.json", "unit_dir": tmp_path / "systemd"}})
+    p = run_sync(conf, "--no-systemctl")
+    assert p.returncode == 0, p.stderr
+    assert "textfile_dir" not in p.stderr, p.stderr

@@ -1,16 +1,21 @@
-"""psprobe.units: the enablement symlinks sync writes, and its systemctl calls."""
+"""psprobe.units: the enablement symlinks sync writes, the schedule drop-ins beside them,
+and its systemctl calls."""
 
 from __future__ import annotations
 
+import collections
 import logging
 import os
+import re
 import subprocess
 import time
 from pathlib import Path
 
 import pytest
+from conftest import write_config
 
-from psprobe import hostnames, units
+from psprobe import config, hostnames, units
+from psprobe import sync as msync
 
 TEMPLATES = Path("/usr/lib/systemd/system")
 HOSTS = ["a-b.example.org", "ps.example.net:8085", "10.1.2.3"]
@@ -67,11 +72,14 @@ def test_remove_touches_only_psprobe_links_of_removed_hosts(tmp_path):
     units.apply(tmp_path, [], [HOSTS[0], "never.example.org"], systemctl=False)
     assert units.enabled_hosts(tmp_path) == set(HOSTS[1:])
     assert (w / "fstrim.timer").is_symlink()
-    assert sorted(os.listdir(tmp_path)) == ["other.service", units.TIMER_WANTS]
+    # The removed host's schedule went with its link; the others' stay beside theirs.
+    assert sorted(os.listdir(tmp_path)) == sorted(
+        ["other.service", units.TIMER_WANTS, *(f"{name(h)}.d" for h in HOSTS[1:])])
     assert not [e for e in os.listdir(w) if e.endswith(".tmp")]
 
 
 def test_systemctl_runs_once_per_step_and_only_on_change(tmp_path, calls):
+    # New timers get their drop-in before the reload and are started after it, like any.
     units.apply(tmp_path, HOSTS[:2], [], template_dir=Path("/t"))
     assert calls == [
         ("daemon-reload",),
@@ -183,3 +191,239 @@ def test_next_elapse_parses_both_clocks(monkeypatch):
 def test_timespan(text, seconds):
     got = units._timespan(text)
     assert got == (None if seconds is None else pytest.approx(seconds))
+
+
+# --- the schedule: one drop-in per enabled host, a calendar at a phase hashed from its name
+
+SHOW_STATE = ("show", "-p", "Id", "-p", "ActiveState", "-p", "LastTriggerUSec",
+        "-p", "InactiveExitTimestamp")
+INTERVALS = [60, 120, 180, 240, 300, 360, 600, 720, 900, 1200, 1800, 3600,
+             7200, 10800, 14400, 21600, 28800, 43200, 86400]
+
+
+def _fires(spec: str) -> set[int]:
+    """Seconds of the UTC day at which one of our OnCalendar= values fires (its own
+    parser for the forms on_calendar writes; systemd itself reads them in the system
+    tests: tests/system/test_units_static.py)."""
+    m = re.fullmatch(r"\*-\*-\* (\*|\d\d(?:/\d+)?):(\*|\d\d(?:/\d+)?):(\d\d) UTC", spec)
+    assert m, spec
+
+    def values(field: str, top: int) -> range:
+        if field == "*":
+            return range(top)
+        start, _, step = field.partition("/")
+        return range(int(start), top, int(step)) if step else range(int(start), int(start) + 1)
+
+    return {h * 3600 + mi * 60 + int(m.group(3))
+            for h in values(m.group(1), 24) for mi in values(m.group(2), 60)}
+
+
+@pytest.mark.parametrize("interval", INTERVALS)
+def test_calendar_fires_every_interval_at_the_hosts_phase(interval):
+    for host in HOSTS:
+        p = units.phase(host, interval)
+        assert 0 <= p < interval
+        assert _fires(units.on_calendar(host, interval)) == set(range(p, 86400, interval))
+
+
+def test_phase_is_a_stable_hash_of_the_name():
+    # Pinned: a change here moves every host of every installation at its next sync.
+    assert units.phase("ps.example.org", 600) == 67
+    assert units.on_calendar("ps.example.org", 600) == "*-*-* *:01/10:07 UTC"
+    assert units.on_calendar("ps.example.org", 60) == "*-*-* *:*:07 UTC"
+    assert units.on_calendar("ps.example.org", 3600) == "*-*-* *:11:07 UTC"
+    assert units.on_calendar("ps.example.org", 86400) == "*-*-* 23:11:07 UTC"
+    assert units.on_calendar("ps.example.org", 7200) == "*-*-* 01/2:11:07 UTC"
+    assert [units.phase(h, 600) for h in HOSTS] == [units.phase(h, 600) for h in HOSTS]
+    assert len({units.phase(h, 600) for h in HOSTS}) == len(HOSTS)
+
+
+def test_2000_hosts_spread_evenly_over_the_interval():
+    names = [f"ps{i:04d}.scale.example.org" for i in range(2000)]  # bench/scale.py's mesh
+    for interval in (600, 300, 3600):
+        per_bin = collections.Counter(units.phase(h, interval) * 60 // interval for h in names)
+        expected = len(names) / 60  # 33.3 per sixtieth of the interval (10 s of 10 min)
+        chi2 = sum((per_bin.get(b, 0) - expected) ** 2 / expected for b in range(60))
+        print(f"interval {interval}s: per 1/60 {min(per_bin.values())}..{max(per_bin.values())}, "
+              f"chi2 {chi2:.1f} (59 degrees of freedom)")
+        assert len(per_bin) == 60
+        assert 15 <= min(per_bin.values()) and max(per_bin.values()) <= 55
+        assert chi2 < 98  # the 99.9 % quantile for 59 degrees of freedom
+
+
+@pytest.mark.parametrize("interval", [0, 59, 90, 420, 5400, 172800])
+def test_calendar_refuses_an_interval_that_would_drift(interval):
+    with pytest.raises(ValueError, match="divides neither"):
+        units.on_calendar(HOSTS[0], interval)
+
+
+def test_each_link_gets_its_dropin_private_to_root(tmp_path):
+    old = os.umask(0o007)  # psprobe-sync.service's UMask, with Group=psprobe
+    try:
+        units.apply(tmp_path, HOSTS, [], systemctl=False)
+    finally:
+        os.umask(old)
+    for h in HOSTS:
+        path = units.dropin_path(tmp_path, h)
+        assert path == tmp_path / f"{name(h)}.d" / "10-phase.conf"
+        text = path.read_text()
+        assert text == units.dropin_text(h, 600)
+        lines = [line for line in text.splitlines() if line and not line.startswith("#")]
+        assert lines == ["[Timer]", "OnCalendar=", f"OnCalendar={units.on_calendar(h, 600)}",
+                         "RandomizedDelaySec=0"]
+        # The psprobe group must never write a unit file: 0644 and 0755, as systemctl writes.
+        assert path.stat().st_mode & 0o777 == 0o644
+        assert path.parent.stat().st_mode & 0o777 == 0o755
+    assert not list(tmp_path.rglob(".*.tmp"))
+
+
+def test_dropin_written_only_when_its_content_changes(tmp_path, calls):
+    units.apply(tmp_path, HOSTS, [])
+    calls.clear()
+    before = {h: units.dropin_path(tmp_path, h).stat() for h in HOSTS}
+    units.apply(tmp_path, HOSTS, [])
+    units.apply(tmp_path, [], [])
+    assert calls == []  # nothing changed: no reload
+    for h in HOSTS:
+        st = units.dropin_path(tmp_path, h).stat()
+        assert (st.st_ino, st.st_mtime_ns) == (before[h].st_ino, before[h].st_mtime_ns)
+
+    # A new interval for one host: only its drop-in; systemd is asked whether its timer
+    # runs and when it last fired (see test_a_new_schedule_never_fires_many_at_once).
+    units.apply(tmp_path, [], [], interval=lambda h: 300 if h == HOSTS[1] else 600)
+    assert calls == [(*SHOW_STATE, name(HOSTS[1])), ("daemon-reload",)]
+    assert units.dropin_path(tmp_path, HOSTS[1]).read_text() == units.dropin_text(HOSTS[1], 300)
+    for h in (HOSTS[0], HOSTS[2]):
+        assert units.dropin_path(tmp_path, h).stat().st_ino == before[h].st_ino
+
+
+def test_new_timers_start_and_rescheduled_ones_reload_with_the_one_reload(tmp_path, calls):
+    units.apply(tmp_path, HOSTS[:2], [])
+    calls.clear()
+    units.apply(tmp_path, HOSTS[1:], [HOSTS[0]], interval=900)
+    assert calls == [
+        (*SHOW_STATE, name(HOSTS[1])),  # running already: reloaded with its new drop-in
+        ("daemon-reload",),
+        ("start", "--no-block", name(HOSTS[2])),
+        ("stop", "--no-block", name(HOSTS[0])),
+    ]
+    for h in HOSTS[1:]:
+        assert units.dropin_path(tmp_path, h).read_text() == units.dropin_text(h, 900)
+
+
+def test_dropin_goes_with_its_host_and_leaves_the_operators_files(tmp_path, calls):
+    units.apply(tmp_path, HOSTS, [])
+    mine = units.dropin_path(tmp_path, HOSTS[0])
+    theirs = mine.parent / "override.conf"  # systemctl edit psprobe@HOST.timer
+    theirs.write_text("[Timer]\nAccuracySec=1s\n")
+    units.apply(tmp_path, [], HOSTS[:2])
+    assert not mine.exists() and theirs.exists()
+    assert not units.dropin_path(tmp_path, HOSTS[1]).parent.exists()
+    assert units.dropin_path(tmp_path, HOSTS[2]).exists()
+
+
+def test_hand_made_links_get_a_dropin_and_hand_removed_ones_lose_it(tmp_path, calls):
+    units.apply(tmp_path, HOSTS[:1], [])
+    w = wants(tmp_path)
+    # `systemctl enable psprobe@X.timer` by hand, and `systemctl disable` of a synced one
+    os.symlink(TEMPLATES / "psprobe@.timer", w / name(HOSTS[1]))
+    (w / name(HOSTS[0])).unlink()
+    calls.clear()
+    units.apply(tmp_path, [], [])
+    assert units.dropin_path(tmp_path, HOSTS[1]).read_text() == units.dropin_text(HOSTS[1], 600)
+    assert not units.dropin_path(tmp_path, HOSTS[0]).parent.exists()
+    # The hand-enabled timer ran on the template's schedule: rescheduled like any.
+    assert calls == [(*SHOW_STATE, name(HOSTS[1])), ("daemon-reload",)]
+    calls.clear()
+    units.apply(tmp_path, [], [])
+    assert calls == []
+
+
+def test_template_dropins_are_never_touched(tmp_path, calls):
+    tdir = tmp_path / "psprobe@.timer.d"
+    tdir.mkdir()
+    (tdir / "10-phase.conf").write_text("[Timer]\n")  # the operator's, whatever its name
+    (tmp_path / "other@x.timer.d").mkdir()
+    (tmp_path / "other@x.timer.d" / "10-phase.conf").write_text("[Timer]\n")
+    units.apply(tmp_path, HOSTS, [])
+    units.apply(tmp_path, [], HOSTS)
+    assert (tdir / "10-phase.conf").exists()
+    assert (tmp_path / "other@x.timer.d" / "10-phase.conf").exists()
+    assert sorted(os.listdir(tmp_path)) == ["other@x.timer.d", "psprobe@.timer.d", units.TIMER_WANTS]
+
+
+def test_sync_writes_each_hosts_interval_from_the_configuration(tmp_path, calls):
+    conf = write_config(tmp_path / "p.conf", {
+        "collect": {"state_dir": tmp_path / "state", "interval": "5min"},
+        f"host {HOSTS[1]}": {"interval": "1h"},
+    })
+    cfg = config.load(str(conf))
+    plan = msync.Plan({h: {"read_url": f"https://{h}/", "meshes": ["static"]} for h in HOSTS},
+                      added=list(HOSTS), removed=[], kept=[])
+    msync.apply(cfg, plan, tmp_path / "units", now=time.time(), systemctl=False)
+    got = {h: units.dropin_path(tmp_path / "units", h).read_text() for h in HOSTS}
+    assert got == {h: units.dropin_text(h, 3600 if h == HOSTS[1] else 300) for h in HOSTS}
+
+
+@pytest.mark.parametrize("interval", [60, 600, 7200])
+def test_next_time_is_the_next_one_of_the_calendar(interval):
+    now = time.time()
+    for h in HOSTS:
+        for after in (now, now - 12345.6, float(int(now))):
+            t = units.next_time(h, interval, after)
+            assert after < t <= after + interval
+            assert t % interval == units.phase(h, interval)
+
+
+def _stamp(t: float) -> str:
+    return time.strftime("%a %Y-%m-%d %H:%M:%S UTC", time.gmtime(t))
+
+
+def test_a_new_schedule_never_fires_many_at_once(tmp_path, monkeypatch, caplog):
+    """A running timer reloaded with a new calendar fires at once for a time of it passed
+    since its last run (tests/system/test_reload.py).  Such timers get the new schedule
+    at most 1 in 20 hosts per sync; those whose next time is ahead get it at once."""
+    hosts = [f"ps{i:02d}.example.org" for i in range(60)]
+    units.apply(tmp_path, hosts, [], systemctl=False)
+    now = time.time()
+    ahead = [h for h in hosts if units.next_time(h, 300, now - 1) > now + 30][:20]
+    behind = [h for h in hosts if h not in ahead][:30]
+    stopped = [h for h in hosts if h not in ahead and h not in behind]
+    blocks = []
+    for h in hosts:
+        if h in stopped:
+            blocks.append(f"Id={name(h)}\nActiveState=inactive\nLastTriggerUSec=n/a\n"
+                          f"InactiveExitTimestamp={_stamp(now - 9000)}\n")
+            continue
+        last = now - 1 if h in ahead else now - 400  # 400 s ago: a 300 s slot passed since
+        blocks.append(f"Id={name(h)}\nActiveState=active\nLastTriggerUSec={_stamp(last)}\n"
+                      f"InactiveExitTimestamp={_stamp(now - 9000)}\n")
+    seen = []
+
+    def fake(*args):
+        seen.append(args)
+        out = "\n".join(blocks) if args[0] == "show" else ""
+        return subprocess.CompletedProcess(args, 0, out, "")
+
+    monkeypatch.setattr(units, "systemctl", fake)
+    with caplog.at_level(logging.INFO, logger="psprobe"):
+        units.apply(tmp_path, [], [], interval=300)
+    assert [a[0] for a in seen] == ["show", "daemon-reload"]
+    new = {h for h in hosts if units.dropin_path(tmp_path, h).read_text() == units.dropin_text(h, 300)}
+    assert set(ahead) | set(stopped) <= new
+    assert len(new & set(behind)) == 3  # 60 hosts / 20: the bounded burst of this sync
+    for h in set(behind) - new:
+        assert units.dropin_path(tmp_path, h).read_text() == units.dropin_text(h, 600)
+    assert "schedule of 27 host(s) kept until a later sync" in caplog.text
+    # The next sync, the same answers: 3 more; never more at once.
+    seen.clear()
+    units.apply(tmp_path, [], [], interval=300)
+    assert len({h for h in behind
+                if units.dropin_path(tmp_path, h).read_text() == units.dropin_text(h, 300)}) == 6
+
+
+def test_without_systemd_every_schedule_is_written(tmp_path, calls):
+    units.apply(tmp_path, HOSTS, [], systemctl=False)
+    units.apply(tmp_path, [], [], interval=60, systemctl=False)
+    assert calls == []
+    assert all(units.dropin_path(tmp_path, h).read_text() == units.dropin_text(h, 60) for h in HOSTS)

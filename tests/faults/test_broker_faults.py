@@ -1,4 +1,4 @@
-"""Broker faults: exit 3 with one clear line, the checkpoint never passes what the broker
+"""Broker faults: exit 69 with one clear line, the checkpoint never passes what the broker
 confirmed, and the next runs deliver every point (duplicates within one chunk).
 
 A broker that only binds some routing keys is not a fault (the downstream's choice):
@@ -63,7 +63,7 @@ def _scenario(lab, figures, name: str, words: str, *, inject=None, remove=None,
     finally:
         if remove:
             remove()
-    assert r.status == 3, r.lines
+    assert r.status == 69, r.lines  # EX_UNAVAILABLE
     line = r.failed_line(A)
     assert words in line, line
     assert "guest:guest" not in line and ":guest@" not in line

@@ -60,9 +60,11 @@ def test_hostile_host_names_in_a_mesh(meshlab, figures):
     assert real.returncode == 0, real.stderr
     new = _tree(lab.tmp) - before
     wants = "root/units/timers.target.wants"
-    allowed = (wants, "state/", "metrics/")
+    phase = f"root/units/psprobe@{GOOD}.timer.d"  # the good host's schedule drop-in
+    allowed = (wants, phase, "state/", "metrics/")
     assert all(p.startswith(allowed) or p in ("root/units", "state") for p in new), sorted(new)
     assert os.listdir(lab.tmp / wants) == [f"psprobe@{GOOD}.timer"]
+    assert os.listdir(lab.tmp / phase) == ["10-phase.conf"]
     assert os.listdir(lab.state / "hosts") == [GOOD]
     out = dry.stdout + dry.stderr + real.stdout + real.stderr
     assert "\n<3>psprobe: forged" not in out and "\x00" not in out
@@ -207,16 +209,16 @@ def test_every_config_key_with_a_wrong_value(lab, figures):
             lab.write(**{section: {key: bad}})
             proc = lab.cli("collect", A, "--dry-run")
             lines = proc.stderr.strip().splitlines()
-            ok = (proc.returncode == 2 and len(lines) == 1 and str(lab.conf) in lines[0]
+            ok = (proc.returncode == 78 and len(lines) == 1 and str(lab.conf) in lines[0]
                   and f"[{section}] {key}:" in lines[0] and not proc.stdout)
             assert ok, (section, key, bad, proc.returncode, proc.stderr)
             rejected += 1
     lab.write(**{f"host {A}": {"timeout": "banana"}})
     proc = lab.cli("collect", A)
-    assert proc.returncode == 2 and f"[host {A}]: [archive] timeout:" in proc.stderr
+    assert proc.returncode == 78 and f"[host {A}]: [archive] timeout:" in proc.stderr
     lab.write()
     figures.reject("config", "every key with a wrong type or out-of-range value",
-                   tried + 1, rejected + 1, "exit 2, one line: file: [section] key: why")
+                   tried + 1, rejected + 1, "exit 78, one line: file: [section] key: why")
 
 
 def test_secrets_never_in_output(lab, figures, pki):
@@ -230,7 +232,7 @@ def test_secrets_never_in_output(lab, figures, pki):
     runs = [lab.cli("-v", "collect", A), lab.cli("collect", A, "--dry-run")]
     lab.set("broker", password_file=pw)
     runs += [lab.cli("-v", "collect", A), lab.cli("collect", A, "--dry-run")]
-    assert [p.returncode for p in runs] == [3, 0, 3, 0], [p.stderr for p in runs]
+    assert [p.returncode for p in runs] == [69, 0, 69, 0], [p.stderr for p in runs]
     assert all("authentication failed" in p.stderr for p in (runs[0], runs[2]))
     for p in runs:
         assert secret_url not in p.stdout + p.stderr and secret_file not in p.stdout + p.stderr
@@ -240,17 +242,17 @@ def test_secrets_never_in_output(lab, figures, pki):
             assert secret_url.encode() not in data and secret_file.encode() not in data, f
     pw.chmod(0o644)
     p = lab.cli("collect", A)
-    assert p.returncode == 2 and "world-readable" in p.stderr, p.stderr
+    assert p.returncode == 78 and "world-readable" in p.stderr, p.stderr
     assert len(p.stderr.strip().splitlines()) == 1 and secret_file not in p.stderr
     # a broker client key that does not match its certificate: a config error, one line
     lab.set("broker", password_file="", url="amqps://127.0.0.1:5671/%2F", ca=pki.ca,
             cert=pki.client_cert, key=pki.wrong_client_key)
     p = lab.cli("collect", A)
-    assert p.returncode == 2, p.stderr
+    assert p.returncode == 78, p.stderr
     assert len(p.stderr.strip().splitlines()) == 1 and "Traceback" not in p.stderr, p.stderr
     figures.reject("config", "secrets in URL / password file (searched in all output and "
                    "state), world-readable secret, mismatched client key", 3, 3,
-                   "never printed; 0644 refused (exit 2); bad key pair exit 2, one line")
+                   "never printed; 0644 refused (exit 78); bad key pair exit 78, one line")
 
 
 @pytest.fixture(scope="module")

@@ -92,12 +92,12 @@ def test_state_dir_read_only(lab, figures):
     wrap = ["unshare", "-m", "sh", "-c",
             'mount --bind "$0" "$0" && mount -o remount,bind,ro "$0" && exec "$@"', sd]
     proc = lab.cli("collect", A, wrap=wrap)
-    assert proc.returncode == 4, proc.stderr
+    assert proc.returncode == 74, proc.stderr  # EX_IOERR
     line = _one_line(proc, A)
     assert "Read-only file system" in line
     assert lab.run(B).status == 0 and lab.tally(B).lost == 0
     runs, t = lab.catch_up(A)
-    figures.fault("disk", "state dir read-only (ro bind mount)", 4, line, t, runs)
+    figures.fault("disk", "state dir read-only (ro bind mount)", proc.returncode, line, t, runs)
 
 
 def test_checkpoint_write_refused(lab, figures):
@@ -109,12 +109,12 @@ def test_checkpoint_write_refused(lab, figures):
         r = lab.run(A)
     finally:
         subprocess.run(["chattr", "-i", str(d)], check=True)
-    assert r.status == 4, r.lines
+    assert r.status == 74, r.lines
     line = r.failed_line(A)
     assert "cannot write checkpoint: Operation not permitted" in line
     assert lab.run(B).status == 0 and lab.tally(B).lost == 0
     runs, t = lab.catch_up(A)
-    figures.fault("disk", "checkpoint write refused (chattr +i)", 4, line, t, runs)
+    figures.fault("disk", "checkpoint write refused (chattr +i)", r.status, line, t, runs)
 
 
 def test_state_disk_full(lab, figures):
@@ -124,12 +124,12 @@ def test_state_disk_full(lab, figures):
               'cp -a "$H.save/." "$H/"; rm -rf "$H.save"; '
               'head -c 1M /dev/zero > "$H/ballast" 2>/dev/null || true; exec "$@"')
     proc = lab.cli("collect", A, wrap=["unshare", "-m", "sh", "-c", script, h])
-    assert proc.returncode == 4, proc.stderr
+    assert proc.returncode == 74, proc.stderr
     line = _one_line(proc, A)
     assert "No space left on device" in line
     assert lab.run(B).status == 0 and lab.tally(B).lost == 0
     runs, t = lab.catch_up(A)
-    figures.fault("disk", "state disk full (64 KiB tmpfs)", 4, line, t, runs)
+    figures.fault("disk", "state disk full (64 KiB tmpfs)", proc.returncode, line, t, runs)
 
 
 @pytest.mark.parametrize("damage", ["truncated", "garbage", "wrong shape"])
@@ -154,14 +154,14 @@ def test_damaged_checkpoint_without_copy_stops_with_one_line(lab, figures):
     (d / "checkpoint.json").write_text('{"version": 1, "pairs": {"x": "soon"}}')
     (d / "checkpoint.prev.json").write_text("{")
     r = lab.run(A)
-    assert r.status == 4
+    assert r.status == 74
     line = r.failed_line(A)
     assert "move it aside" in line
     assert lab.run(B).status == 0 and lab.tally(B).lost == 0
     (d / "checkpoint.json").rename(d / "checkpoint.json.aside")  # what the line says to do
     runs, t = lab.catch_up(A)
     # The whole lookback again (what was already sent: 480 points): the operator's choice.
-    figures.fault("disk", "checkpoint and its copy damaged (operator moves it aside)", 4, line,
+    figures.fault("disk", "checkpoint and its copy damaged (operator moves it aside)", r.status, line,
                   t, runs, bound=480)
 
 

@@ -4,7 +4,7 @@ Why: psprobe may run as root, and whoever can write below ``[collect] state_dir`
 service user, a careless restore) must not be able to turn a run against the host.  For
 each state file and directory a symbolic link is planted -- to a victim outside the state
 directory with known content and mtime, and dangling -- and a collect (in-process and as a
-subprocess) or a sync runs.  It stops with exit 4 and one line naming the path (files that
+subprocess) or a sync runs.  It stops with exit 74 and one line naming the path (files that
 psprobe makes anew -- temp files, the metrics file, slot files -- are not followed and the
 run goes on), the victim is untouched, nothing appears at the dangling target, and the
 other host is collected as usual.  Some of it runs as the service user too.
@@ -93,18 +93,18 @@ class Plant:
 
 
 def refused_run(lab: Lab, host: str, path: Path) -> str:
-    """In-process collect of ``host``: exit 4, one line, naming ``path``."""
+    """In-process collect of ``host``: exit 74, one line, naming ``path``."""
     r = lab.run(host)
-    assert r.status == 4, r.lines
+    assert r.status == 74, r.lines
     assert len(r.lines) == 1, r.lines
     assert f"error={path}: {REFUSED}" in r.failed_line(host), r.lines
     return r.lines[0]
 
 
 def refused_cli(lab: Lab, host: str, path: Path) -> str:
-    """``psprobe collect HOST`` as a subprocess: exit 4, one line on stderr, naming ``path``."""
+    """``psprobe collect HOST`` as a subprocess: exit 74, one line on stderr, naming ``path``."""
     p = lab.cli("collect", host)
-    assert p.returncode == 4, p.stderr
+    assert p.returncode == 74, p.stderr
     lines = p.stderr.splitlines()
     assert len(lines) == 1 and f"collect {host}: FAILED error={path}: {REFUSED}" in lines[0], \
         p.stderr
@@ -169,7 +169,7 @@ def test_links_at_collect_state_are_refused_with_one_line(two, figures):
     figures.reject("state", "symlinked state files and directories (lock, journal, checkpoint, "
                    "its copy, history, target, hosts/<host>, hosts; to a file and dangling; "
                    "in-process and CLI)", tried, rejected,
-                   "exit 4, one line naming the path; the link's target untouched")
+                   "exit 74, one line naming the path; the link's target untouched")
 
 
 def test_a_dry_run_and_a_backfill_refuse_too(two):
@@ -178,10 +178,10 @@ def test_a_dry_run_and_a_backfill_refuse_too(two):
     plant = Plant(lab, path, dangling=False)
     try:
         p = lab.cli("collect", A, "--dry-run")
-        assert p.returncode == 4, p.stderr
+        assert p.returncode == 74, p.stderr
         assert f"error={path}: {REFUSED}" in p.stderr and p.stdout == ""
         p = lab.cli("backfill", A, "--since", "1h")
-        assert p.returncode == 4, p.stderr
+        assert p.returncode == 74, p.stderr
         assert f"error={path}: {REFUSED}" in p.stderr
         plant.check()
     finally:
@@ -214,7 +214,7 @@ def test_hard_links_and_odd_files_are_refused(two, figures):
             (d / name).mkdir()
         try:
             r = lab.run(A)
-            assert r.status == 4 and len(r.lines) == 1, r.lines
+            assert r.status == 74 and len(r.lines) == 1, r.lines
             assert f"error={d / name}: {why}" in r.failed_line(A)
             assert snapshot(victim) == before
         finally:
@@ -225,7 +225,7 @@ def test_hard_links_and_odd_files_are_refused(two, figures):
             os.rename(aside, d / name)
     assert lab.catch_up(A)[1].lost == 0
     figures.reject("state", "hard-linked lock or journal, a FIFO or a directory at a state file",
-                   tried, tried, "exit 4, one line naming the path; the other name untouched")
+                   tried, tried, "exit 74, one line naming the path; the other name untouched")
 
 
 def test_the_state_dir_itself_may_be_a_link(lab):
@@ -328,7 +328,7 @@ def test_a_link_at_the_metrics_file_is_not_written_through(two, figures):
                 else:
                     p = lab.cli("collect", A)
                     assert p.returncode == 0, p.stderr
-                    warnings = [x for x in p.stderr.splitlines() if x.startswith("<4>")]
+                    warnings = [x for x in p.stderr.splitlines() if x.startswith("warning: ")]
                 assert len(warnings) == 1 and f"{path}: {REFUSED}; metrics not written" \
                     in warnings[0], warnings
                 plant.check()
@@ -362,7 +362,7 @@ def test_links_at_slot_files_are_not_opened(two, figures):
                 p = subprocess.run([*cmd, "collect", A], capture_output=True, text=True,
                                    timeout=60, env=env, cwd=str(ROOT))
                 assert p.returncode == 0, p.stderr
-                warnings = [x for x in p.stderr.splitlines() if x.startswith("<4>")]
+                warnings = [x for x in p.stderr.splitlines() if x.startswith("warning: ")]
                 assert warnings and all(f"{run_dir}/slot." in x and f": {REFUSED}); running "
                                         "without the [collect] max_concurrent bound" in x
                                         for x in warnings), p.stderr
@@ -420,7 +420,7 @@ def test_links_at_sync_state_are_refused_with_one_line(two, figures):
                 plant = Plant(lab, path, dangling=dangling, directory=directory)
                 try:
                     status, lines = how(lab)
-                    assert status == 4, lines
+                    assert status == 74, lines
                     failed = [x for x in lines if "sync: FAILED" in x]
                     assert len(failed) == 1 and f"error={path}: {REFUSED}" in failed[0], lines
                     assert not any("Traceback" in x for x in lines), lines
@@ -433,7 +433,7 @@ def test_links_at_sync_state_are_refused_with_one_line(two, figures):
     figures.reject("state", "symlinked sync state (meshes, sync.json, sync.lock, a host's "
                    "target.json; "
                    "to a file and dangling; in-process and CLI)", tried, tried,
-                   "exit 4, one line naming the path; the link's target untouched")
+                   "exit 74, one line naming the path; the link's target untouched")
 
 
 # ----------------------------------------------------------------- as the service user
@@ -466,7 +466,7 @@ def test_as_the_service_user(sim, fbus, figures):
 
         for h in (A, B):
             p = as_user("collect", h)
-            assert p.returncode == 0 and "<4>" not in p.stderr, p.stderr
+            assert p.returncode == 0 and "warning: " not in p.stderr, p.stderr
             lab.more(h)
         assert os.stat(tmp / "state" / "hosts" / A / "lock").st_uid == uid  # the user's run
         d = tmp / "state" / "hosts" / A
@@ -482,7 +482,7 @@ def test_as_the_service_user(sim, fbus, figures):
                     os.chown(plant.target.parent, uid, gid)  # a target the user could create
                 try:
                     p = as_user("collect", A)
-                    assert p.returncode == 4, p.stderr
+                    assert p.returncode == 74, p.stderr
                     lines = p.stderr.splitlines()
                     assert len(lines) == 1 and f"error={path}: {REFUSED}" in lines[0], p.stderr
                     plant.check()
@@ -496,6 +496,6 @@ def test_as_the_service_user(sim, fbus, figures):
             assert lab.tally(h).lost == 0
         figures.reject("state", f"links planted by the service user ({USER}: lock, journal, "
                        "history, its host directory), the run as that user", tried, tried,
-                       "exit 4, one line naming the path; the user's own file untouched")
+                       "exit 74, one line naming the path; the user's own file untouched")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

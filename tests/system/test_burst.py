@@ -102,8 +102,10 @@ retries = 0
 url = amqp://guest:guest@127.0.0.1:5672/%2F
 exchange = {exchange}
 """, mode=0o640, owner="root:psprobe")
-        # The slot files exist before the burst, so their inodes are known.
+        # The slot files exist before the burst, so their inodes are known; none is left
+        # from the runs of an earlier test (with max_concurrent 16, test_reload.py's).
         c.run("install -d -m 0750 -o psprobe -g psprobe /run/psprobe && cd /run/psprobe && "
+              "rm -f slot.* && "
               f"for k in $(seq 0 {MAX_CONCURRENT - 1}); do install -m 0660 -o psprobe -g psprobe "
               "/dev/null slot.$k; done", check=True)
         inodes = _slot_inodes(c)

@@ -18,6 +18,8 @@ The tests of this module run in order and share one container.
 from __future__ import annotations
 
 import json
+import os
+import re
 import shutil
 import subprocess
 import sys
@@ -30,14 +32,16 @@ from pathlib import Path
 
 import pytest
 from esmond_sim import EsmondSim  # tests/ is on sys.path (tests/conftest.py)
-from test_rpm import make_topdir, rpmbuild
+from test_rpm import build_requires, check_script, make_topdir, rpmbuild, version
 
 from psprobe import hostnames
+from psprobe.exits import SYSTEMD, Exit
 
 from .container import Container, wait_until
 from .test_systemd import TIMER_DROPIN, Bus, _MeshHandler, meshconfig
 
 HOSTS = ["ps-rpm-a.example.sim", "ps-rpm-b.example.sim"]
+README = Path(__file__).resolve().parents[2] / "README.md"
 DBPATH = "/var/lib/rpm"
 
 # What EL9's /usr/lib/systemd/systemd-update-helper (systemd 252) does for the verbs
@@ -129,11 +133,17 @@ class Rpms:
 
 
 @pytest.fixture(scope="module")
-def rpms(tmp_path_factory) -> Rpms:
-    for tool in ("rpmbuild", "rpm", "git"):
+def topdir(tmp_path_factory) -> Path:
+    """An rpmbuild tree with Source0 made from this work tree."""
+    for tool in ("rpmbuild", "rpm", "rpmspec", "git"):
         if shutil.which(tool) is None:
             pytest.skip(f"{tool} is not installed (apt-get install -y rpm)")
-    top = make_topdir(tmp_path_factory.mktemp("rpm"))
+    return make_topdir(tmp_path_factory.mktemp("rpm"))
+
+
+@pytest.fixture(scope="module")
+def rpms(topdir: Path) -> Rpms:
+    top = topdir
     built = []
     for dist in (".el9", ".el9.1"):
         p = rpmbuild(top, "--define", f"dist {dist}", "--without", "check", "-bb")
@@ -197,6 +207,50 @@ def world(bare_container: Container, rpms: Rpms) -> Iterator[World]:
         mesh.shutdown()
         mesh.server_close()
         sim.stop()
+
+
+# Debian's package for each BuildRequires of the EL9 build; None: nothing to add (Debian's
+# python3 is there; the container's systemd stands for the macros).
+DEBIAN = {"python3-devel": None, "systemd-rpm-macros": None, "systemd": None}
+
+
+def test_check_passes_with_only_the_build_requires(bare_container, topdir):
+    """%check as a clean EL9 build host runs it: the source tarball, a build user that is not
+    root (mock's), and a Python with the BuildRequires only. The container's python3 has
+    Debian's minbase plus python3-pika, -requests and -click (prepare.sh), all three
+    BuildRequires; the rest of them is installed here by their Debian names."""
+    c = bare_container
+    wanted = []
+    for name in sorted(build_requires("9")):
+        if name in DEBIAN:
+            if DEBIAN[name]:
+                wanted.append(DEBIAN[name])
+        else:
+            assert name.startswith("python3-"), f"BuildRequires {name}: add its Debian name to DEBIAN"
+            wanted.append(name)
+    cp = c.run("apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "
+               f"--no-install-recommends {' '.join(wanted)}", timeout=600)
+    if cp.returncode != 0:
+        why = f"apt-get install {' '.join(wanted)} in the container failed: {cp.stderr[-500:]}"
+        if os.environ.get("PSPROBE_REQUIRE_SYSTEM") == "1":
+            pytest.fail(why)
+        pytest.skip(why)
+    # mock's chroot has an /etc/hosts naming localhost; the bare container has none.
+    c.run("grep -qw localhost /etc/hosts 2>/dev/null || echo '127.0.0.1 localhost' >>/etc/hosts",
+          check=True)
+    (tarball,) = (topdir / "SOURCES").glob("psprobe-*.tar.gz")
+    shutil.copy(tarball, c.path("/srv/psprobe.tar.gz"))
+    c.run("id builder || useradd -m builder; rm -rf /builddir; install -d -o builder /builddir",
+          check=True)
+    c.run(["tar", "-xzf", "/srv/psprobe.tar.gz", "-C", "/builddir"], user="builder", check=True)
+    script = check_script("9")
+    assert "/usr/bin/python3 -m pytest" in script, script  # %{python3}: EL9's and Debian's alike
+    cp = c.run(["sh", "-ec", f"cd /builddir/psprobe-{version()}\n{script}"], user="builder",
+               timeout=900)
+    tail = cp.stdout[-8000:] + cp.stderr[-2000:]
+    print(tail.strip().splitlines()[-1], file=sys.stderr)
+    assert cp.returncode == 0, tail
+    assert re.search(r"\d+ passed", cp.stdout) and " error" not in cp.stdout.splitlines()[-1], tail
 
 
 def test_install_creates_the_account_and_leaves_collection_off(world):
@@ -282,6 +336,69 @@ exchange = {world.bus.exchange}
     wait_until("points at the broker", arrived, 30)
 
 
+def test_a_host_run_by_hand_as_root_then_by_its_timer(world):
+    """README "Test one host by hand": root's run becomes psprobe, so the timer's next run works
+    (before: root-owned checkpoint and history, and every timer run failed with exit 4)."""
+    c = world.c
+    h = world.hosts[HOSTS[0]]
+    world.sim.host(HOSTS[0]).add_test("throughput", event_types=["throughput"],
+                                       start=int(time.time()) - 1800, step=300,
+                                       **{"input-source": HOSTS[0], "input-destination": "b"})
+    cp = c.run(["psprobe", "collect", "--dry-run", h])
+    assert cp.returncode == 0, cp.stderr
+    assert cp.stderr.splitlines()[0] == "running as psprobe, the owner of /var/lib/psprobe", cp.stderr
+    assert cp.stdout.strip(), "the dry run printed no message"
+    cp = c.run(["psprobe", "collect", h])
+    assert cp.returncode == 0, cp.stderr
+    lines = cp.stderr.splitlines()
+    assert lines[0] == "running as psprobe, the owner of /var/lib/psprobe", cp.stderr
+    assert any(f"collect {h}: ok " in x and " points=0 " not in x for x in lines), cp.stderr
+    assert not any(re.match(r"<\d>", x) for x in lines), "a pipe is not the journal: no <N>"
+    d = f"/var/lib/psprobe/hosts/{h}"
+    # target.json is sync's (root, group psprobe); everything else the collects', and psprobe's
+    cp = c.run(f"find {d} /run/psprobe -mindepth 1 ! -user psprobe ! -path {d}/target.json "
+               "-printf '%u:%g %p\\n'")
+    assert cp.stdout == "", cp.stdout
+    cp = c.run(["stat", "-c", "%n %U:%G", *(f"{d}/{f}" for f in (
+        "lock", "checkpoint.json", "checkpoint.prev.json", "history.json"))], check=True)
+    assert {line.split()[1] for line in cp.stdout.splitlines()} == {"psprobe:psprobe"}, cp.stdout
+    st = world.show(service(h), "InvocationID")
+    assert c.systemctl("start", service(h)).returncode == 0, c.journal(service(h), "-n", "20")
+    after = world.show(service(h), "Result", "ExecMainStatus", "InvocationID")
+    assert after["InvocationID"] != st["InvocationID"]
+    assert (after["Result"], after["ExecMainStatus"]) == ("success", "0")
+
+
+def test_a_failed_run_reads_well_in_systemctl_status(world):
+    """The journal line a failed run leaves names its status (69/UNAVAILABLE, not
+    3/NOTIMPLEMENTED), and psprobe's own lines carry their priority there."""
+    c = world.c
+    cp = c.run(["systemd-analyze", "exit-status", *(str(int(e)) for e in Exit if e != Exit.STOPPED)])
+    assert cp.returncode == 0, cp.stderr
+    names = {int(v): n for n, v, _ in (line.split() for line in cp.stdout.splitlines()[1:])}
+    assert {e: f"{int(e)}/{names[int(e)]}" for e in Exit if e != Exit.STOPPED} == {
+        e: v for e, v in SYSTEMD.items() if e != Exit.STOPPED}
+
+    h = world.hosts[HOSTS[1]]
+    c.write("/etc/psprobe/conf.d/50-broker-down.conf",
+            "[broker]\nurl = amqp://guest@127.0.0.1:1/%2F\ntimeout = 2s\n")
+    world.sim.host(HOSTS[1]).add_test("throughput", event_types=["throughput"],
+                                       start=int(time.time()) - 1800, step=300,
+                                       **{"input-source": HOSTS[1], "input-destination": "c"})
+    try:
+        assert c.systemctl("start", service(h)).returncode != 0
+        st = world.show(service(h), "Result", "ExecMainStatus")
+        assert st == {"Result": "exit-code", "ExecMainStatus": str(int(Exit.BROKER))}
+        text = c.systemctl("status", "--no-pager", "-n", "20", service(h)).stdout
+        assert "code=exited, status=69/UNAVAILABLE" in text, text
+        errors = c.journal(service(h), "-p", "err", "-n", "20")
+        assert f"collect {h}: FAILED" in errors and "<3>" not in errors, errors
+    finally:
+        c.run(["rm", "-f", "/etc/psprobe/conf.d/50-broker-down.conf"], check=True)
+        c.systemctl("reset-failed", service(h))
+    assert c.systemctl("start", service(h)).returncode == 0, c.journal(service(h), "-n", "20")
+
+
 def test_upgrade_keeps_timers_running_state_and_secret(world):
     c = world.c
     hosts = list(world.hosts.values())
@@ -321,4 +438,14 @@ def test_erase_leaves_no_psprobe_unit_enabled_or_running(world):
     assert host_rpm(c, "-qa").strip() == ""
     # State is the operator's to delete: checkpoints survive an erase.
     assert c.run(["test", "-d", "/var/lib/psprobe/hosts"]).returncode == 0
+    # What README "Remove" says stays in /etc: the changed files as .rpmsave, the password too.
+    left = c.run("cd /etc/psprobe && find . -mindepth 1 -printf '%P %u:%g %m\\n' | sort").stdout
+    assert left.splitlines() == ["broker.secret.rpmsave root:psprobe 640",
+                                 "psprobe.conf.rpmsave root:root 644"], left
+    assert c.run(["cat", "/etc/psprobe/broker.secret.rpmsave"]).stdout == "guest\n"
+    remove = README.read_text().split("### Remove", 1)[1].split("\n### ", 1)[0]
+    (cmd,) = re.findall(r"^```sh\n(.*?)^```", remove, re.M | re.S)
+    assert "broker.secret.rpmsave" in cmd
+    c.run(cmd, check=True)  # the README's command, as the operator runs it
+    assert c.run(["ls", "/etc/psprobe"]).stdout.split() == ["psprobe.conf.rpmsave"]
     print(json.dumps(c.run(["cat", "/run/update-helper.log"]).stdout.splitlines()), file=sys.stderr)

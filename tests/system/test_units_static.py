@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from psprobe import units
+
 from .container import REPO
 
 UNITS = REPO / "units"
@@ -65,13 +67,63 @@ def test_collect_uses_the_raw_instance():
     assert directives(UNITS / "psprobe@.service")["ExecStart"] == ["/usr/bin/psprobe collect %i"]
 
 
-def test_host_timer_spreads_and_repeats_after_the_run():
+def test_host_timer_has_no_trigger_a_reload_resets():
     d = directives(UNITS / "psprobe@.timer")
-    assert d.get("OnUnitInactiveSec") and d.get("OnActiveSec")
-    assert d.get("RandomizedDelaySec")
-    # The default 1min accuracy would coalesce the spread starts again.
+    # OnActiveSec= counts again from every daemon-reload (tests/system/test_reload.py):
+    # the schedule is the calendar of the drop-in sync writes (psprobe.units.dropin_text).
+    # Without one, only triggers a reload leaves alone: OnBootSec= (past once fired) and
+    # OnUnitInactiveSec= (from the end of the last run).
+    assert "OnActiveSec" not in d and "OnUnitActiveSec" not in d
+    assert d["OnBootSec"] == ["1min"] and d["OnUnitInactiveSec"] == ["10min"]
+    assert "OnCalendar" not in d  # the drop-in's own; a template one would fire as well
+    assert d.get("RandomizedDelaySec") and d["FixedRandomDelay"] == ["yes"]
+    # The default 1min accuracy would coalesce the phases into one wake-up a minute.
     assert d["AccuracySec"] == ["1s"]
     assert d["WantedBy"] == ["timers.target"]
+
+
+INTERVALS = [60, 300, 600, 900, 1800, 3600, 7200, 21600, 86400]
+
+
+def test_phase_calendars_are_what_systemd_reads(container):
+    """systemd's own reading of every form of OnCalendar= sync writes."""
+    host = "ps.example.org:8085"
+    specs = [units.on_calendar(host, i) for i in INTERVALS]
+    cp = container.run(["systemd-analyze", "calendar", "--iterations=3", *specs])
+    assert cp.returncode == 0, cp.stderr
+    blocks = [b for b in cp.stdout.split("\n\n") if b.strip()]
+    assert len(blocks) == len(INTERVALS)
+    for interval, spec, block in zip(INTERVALS, specs, blocks):
+        lines = dict(line.strip().split(": ", 1) for line in block.splitlines() if ": " in line)
+        assert lines["Normalized form"] == spec
+        when = [units._timestamp(lines[k]) for k in ("Next elapse", "Iter. #2", "Iter. #3")]
+        assert None not in when, block
+        # Every interval, at the host's phase (UTC days start at multiples of the interval).
+        assert [b - a for a, b in zip(when, when[1:])] == [interval, interval], spec
+        assert when[0] % interval == units.phase(host, interval), spec
+
+
+def test_a_timer_with_its_dropin_has_only_the_calendar(container):
+    c = container
+    host = "static.example.org"
+    udir = c.path("/etc/systemd/system")
+    units.apply(udir, [host], [], systemctl=False)
+    timer = units.timer_name(host)
+    try:
+        c.systemctl("daemon-reload", check=True)
+        cp = c.run(f"cd /usr/lib/systemd/system && systemd-analyze verify {timer}")
+        assert cp.returncode == 0 and (cp.stdout + cp.stderr).strip() == "", cp.stdout + cp.stderr
+        cp = c.systemctl("show", "-p", "TimersCalendar", "-p", "TimersMonotonic",
+                         "-p", "RandomizedDelayUSec", "-p", "DropInPaths", timer)
+        props = dict(line.split("=", 1) for line in cp.stdout.splitlines() if "=" in line)
+        print(f"{timer}: {props}", file=sys.stderr)
+        assert f"OnCalendar={units.on_calendar(host, 600)} ;" in props["TimersCalendar"]
+        assert props.get("TimersMonotonic", "") == ""  # not shown at all when empty
+        assert props["RandomizedDelayUSec"] == "0"
+        assert f"/etc/systemd/system/{timer}.d/10-phase.conf" in props["DropInPaths"]
+    finally:
+        units.apply(udir, [], [host], systemctl=False)
+        c.systemctl("daemon-reload")
 
 
 @pytest.mark.parametrize("unit", TIMERS, ids=lambda p: p.name)
