@@ -10,6 +10,7 @@ the broker (0 lost) with few duplicates?  :class:`Lab` answers them; the
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -19,9 +20,11 @@ import shutil
 import subprocess
 import sys
 import sysconfig
+import tempfile
 import time
 import uuid
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -252,10 +255,15 @@ class Lab:
     def cli(self, *args: str, timeout: float = 60, user: int | None = None,
             wrap: list[str] | None = None) -> subprocess.CompletedProcess:
         """The CLI in a subprocess (``wrap`` prefixes e.g. unshare/setpriv)."""
-        env = {**os.environ, "PYTHONPATH": str(ROOT), "PSPROBE_CONFIG": str(self.conf)}
-        env.pop("JOURNAL_STREAM", None)
         return subprocess.run([*(wrap or []), *CLI, *args], capture_output=True, text=True,
-                              timeout=timeout, env=env, cwd=str(ROOT))
+                              timeout=timeout, env={**self.env(), "PYTHONPATH": str(ROOT)},
+                              cwd=str(ROOT))
+
+    def env(self) -> dict[str, str]:
+        """The environment of a CLI run on this lab's config (not the journal's stream)."""
+        env = {**os.environ, "PSPROBE_CONFIG": str(self.conf)}
+        env.pop("JOURNAL_STREAM", None)
+        return env
 
     # -- accounting
     def tally(self, host: str, expect: dict[tuple[str, str, int], Any] | None = None) -> Tally:
@@ -319,6 +327,35 @@ def service_user() -> tuple[int, int]:
                         SERVICE_USER], check=True, capture_output=True)
         pw = pwd.getpwnam(SERVICE_USER)
     return pw.pw_uid, pw.pw_gid
+
+
+@contextlib.contextmanager
+def service_lab(sim: EsmondSim, bus: FaultBus, hosts: tuple[str, ...], prefix: str,
+                **collect: Any) -> Iterator[tuple[Lab, int, int, list[str]]]:
+    """A lab the service user runs in: ``(lab, uid, gid, its python command)``.
+
+    In a directory it can reach (pytest's tmp_path is root's 0700), with state,
+    metrics and run directories its own, as the units' StateDirectory= makes them.
+    """
+    if os.geteuid() != 0:
+        pytest.skip("needs root to switch to the service user")
+    uid, gid = service_user()
+    py = python_for(uid, gid)
+    tmp = Path(tempfile.mkdtemp(prefix=prefix))
+    try:
+        os.chmod(tmp, 0o755)
+        lab = Lab(tmp, sim, bus)
+        lab.set("collect", runtime_dir=tmp / "run", max_concurrent=2, **collect)
+        for h in hosts:
+            lab.add_host(h)
+        (tmp / "run").mkdir()
+        for p in (tmp / "state", tmp / "metrics", tmp / "run"):
+            for q in [p, *p.rglob("*")]:
+                os.chown(q, uid, gid)
+        os.chmod(lab.conf, 0o644)
+        yield lab, uid, gid, py
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def python_for(uid: int, gid: int) -> list[str]:

@@ -12,14 +12,11 @@ service user is ``psprobe-test`` (tests/faults/conftest.py).
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
-import tempfile
-from pathlib import Path
 
 import pytest
 
-from faults.conftest import CLI, ROOT, Lab, python_for, service_user
+from faults.conftest import CLI, ROOT, Lab, service_lab
 
 A, B = "ps-a.example.org", "ps-b.example.org"
 
@@ -27,32 +24,9 @@ A, B = "ps-a.example.org", "ps-b.example.org"
 @pytest.fixture
 def owned(sim, fbus):
     """A lab whose state, metrics and run directories belong to the service user."""
-    if os.geteuid() != 0:
-        pytest.skip("needs root: the point is a run started as root")
-    uid, gid = service_user()
-    py = python_for(uid, gid)  # setpriv ... env PYTHONPATH=... python
-    tmp = Path(tempfile.mkdtemp(prefix="psprobe-byhand."))
-    try:
-        os.chmod(tmp, 0o755)
-        lab = Lab(tmp, sim, fbus)
-        lab.set("collect", runtime_dir=tmp / "run", max_concurrent=2)
-        for h in (A, B):
-            lab.add_host(h)
-        (tmp / "run").mkdir()
-        for p in (tmp / "state", tmp / "metrics", tmp / "run"):
-            for q in [p, *p.rglob("*")]:
-                os.chown(q, uid, gid)
-        os.chmod(tmp / "state", 0o770)
-        os.chmod(lab.conf, 0o644)
+    with service_lab(sim, fbus, (A, B), "psprobe-byhand.") as (lab, uid, gid, py):
+        os.chmod(lab.state, 0o770)
         yield lab, uid, gid, py
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _env(lab: Lab) -> dict[str, str]:
-    env = {**os.environ, "PSPROBE_CONFIG": str(lab.conf)}
-    env.pop("JOURNAL_STREAM", None)
-    return env
 
 
 def as_root(lab: Lab, py: list[str], *args: str, launcher: bool = False,
@@ -62,12 +36,12 @@ def as_root(lab: Lab, py: list[str], *args: str, launcher: bool = False,
     plain = py[py.index("env"):]
     code = [str(ROOT / "bin" / "psprobe")] if launcher else ["-c", CLI[2]]
     return subprocess.run([*(wrap or []), *plain, *code, *args], capture_output=True, text=True,
-                          timeout=120, env=_env(lab), cwd="/")
+                          timeout=120, env=lab.env(), cwd="/")
 
 
 def as_user(lab: Lab, py: list[str], *args: str) -> subprocess.CompletedProcess:
     return subprocess.run([*py, "-c", CLI[2], *args], capture_output=True, text=True, timeout=120,
-                          env=_env(lab), cwd="/")
+                          env=lab.env(), cwd="/")
 
 
 def not_owned(lab: Lab, uid: int, gid: int) -> list[str]:

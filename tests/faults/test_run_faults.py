@@ -7,18 +7,13 @@ Each ends with one clear line and, once the fault is gone, 0 points lost.
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import signal
 import subprocess
-import tempfile
 import time
-from pathlib import Path
 
-import pytest
 from faultproxy import elapsed
 
-from faults.conftest import CLI, ROOT, STEP, Lab, python_for, service_user
+from faults.conftest import CLI, ROOT, STEP, service_lab
 from psprobe import history
 
 A, B = "ps-a.example.org", "ps-b.example.org"
@@ -135,28 +130,34 @@ def test_an_archive_gone_mid_run_is_given_up_early(lab, figures):
                   r.status, line, t, runs)
 
 
-def test_a_run_stopped_by_sigterm_records_why(lab, figures):
-    lab.add_host(A)
-    assert lab.run(A).status == 0
-    lab.more(A, 120)
-    h = lab.hosts[A].hosts[A]
+def _stopped_mid_run(lab, h, cmd: list[str], env: dict, cwd: str) -> tuple[int, str]:
+    """Run ``cmd`` (a collect of ``h``), SIGTERM it while a data request hangs: (status, stderr)."""
     seen = len(h.log)
-    fault = lab.sim.fault(A, "stall", path="/base")
-    env = {"PYTHONPATH": str(ROOT), "PSPROBE_CONFIG": str(lab.conf), "PATH": "/usr/bin:/bin"}
-    proc = subprocess.Popen([*CLI, "collect", A], env=env, cwd=str(ROOT),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    fault = lab.sim.fault(h.name, "stall", path="/base")
+    proc = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
     try:
         end = time.monotonic() + 30
         while not any("/base" in q.path for q in h.log[seen:]):  # a data request is under way
             assert time.monotonic() < end and proc.poll() is None, proc.communicate()
-            time.sleep(0.01)
+            time.sleep(0.01)  # polling with a deadline, not synchronisation by sleep
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=30)
     finally:
         fault.release()
         if proc.poll() is None:
             proc.kill()
-    assert proc.returncode == -signal.SIGTERM, err
+    return proc.returncode, err
+
+
+def test_a_run_stopped_by_sigterm_records_why(lab, figures):
+    lab.add_host(A)
+    assert lab.run(A).status == 0
+    lab.more(A, 120)
+    h = lab.hosts[A].hosts[A]
+    env = {"PYTHONPATH": str(ROOT), "PSPROBE_CONFIG": str(lab.conf), "PATH": "/usr/bin:/bin"}
+    rc, err = _stopped_mid_run(lab, h, [*CLI, "collect", A], env, str(ROOT))
+    assert rc == -signal.SIGTERM, err
     (line,) = [x for x in err.splitlines() if f"collect {A}: FAILED" in x]
     assert "error=stopped by SIGTERM" in line, err
     run = history.load(str(lab.state), A)[-1]
@@ -173,23 +174,8 @@ def test_a_run_stopped_by_sigterm_records_why(lab, figures):
 
 def test_look_back_and_a_stopped_run_as_the_service_user(sim, fbus, figures):
     """As the user the units run as: the look-back's state and a SIGTERM record are its own."""
-    if os.geteuid() != 0:
-        pytest.skip("needs root to switch to the service user")
-    uid, gid = service_user()
-    py = python_for(uid, gid)
-    tmp = Path(tempfile.mkdtemp(prefix="psprobe-run."))
-    try:
-        os.chmod(tmp, 0o755)
-        lab = Lab(tmp, sim, fbus)
-        lab.set("collect", runtime_dir=tmp / "run", max_concurrent=2, **LATE["collect"])
-        lab.add_host(A)
-        (tmp / "run").mkdir()
-        for p in (tmp / "state", tmp / "metrics", tmp / "run"):
-            for q in [p, *p.rglob("*")]:
-                os.chown(q, uid, gid)
-        os.chmod(lab.conf, 0o644)
-        env = {**os.environ, "PSPROBE_CONFIG": str(lab.conf)}
-        env.pop("JOURNAL_STREAM", None)
+    with service_lab(sim, fbus, (A,), "psprobe-run.", **LATE["collect"]) as (lab, uid, _, py):
+        env = lab.env()
         cmd = [*py, "-c", CLI[2], "collect", A]
 
         def run() -> subprocess.CompletedProcess:
@@ -205,22 +191,8 @@ def test_look_back_and_a_stopped_run_as_the_service_user(sim, fbus, figures):
         assert (t.lost, t.duplicates) == (0, 0), t
         lab.more(A, 120)
         h = lab.hosts[A].hosts[A]
-        seen = len(h.log)
-        fault = lab.sim.fault(A, "stall", path="/base")
-        proc = subprocess.Popen(cmd, env=env, cwd="/", stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True)
-        try:
-            end = time.monotonic() + 30
-            while not any("/base" in q.path for q in h.log[seen:]):
-                assert time.monotonic() < end and proc.poll() is None, proc.communicate()
-                time.sleep(0.01)
-            proc.send_signal(signal.SIGTERM)
-            _, err = proc.communicate(timeout=30)
-        finally:
-            fault.release()
-            if proc.poll() is None:
-                proc.kill()
-        assert proc.returncode == -signal.SIGTERM and "error=stopped by SIGTERM" in err, err
+        rc, err = _stopped_mid_run(lab, h, cmd, env, "/")
+        assert rc == -signal.SIGTERM and "error=stopped by SIGTERM" in err, err
         assert history.load(str(lab.state), A)[-1]["status"] == 143
         lab.sim.clear_faults(A)
         r = run()
@@ -229,5 +201,3 @@ def test_look_back_and_a_stopped_run_as_the_service_user(sim, fbus, figures):
         assert t.lost == 0, t
         owners = {q.stat().st_uid for q in (lab.state / "hosts" / A).iterdir()}
         assert owners == {uid}, owners
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)

@@ -15,17 +15,15 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 import uuid
 from pathlib import Path
 
 import pytest
 from conftest import cli_runner
 
-from faults.conftest import CLI, ROOT, SERVICE_USER, Lab, python_for, service_user
+from faults.conftest import CLI, ROOT, SERVICE_USER, Lab, service_lab
 from psprobe import checkpoint, metrics, slots, state
 
 A, B, M = "ps-a.example.org", "ps-b.example.org", "ps-m.example.org"
@@ -441,28 +439,12 @@ def test_links_at_sync_state_are_refused_with_one_line(two, figures):
 
 def test_as_the_service_user(sim, fbus, figures):
     """The links a service user could plant, met by a run as that user: refused all the same."""
-    if os.geteuid() != 0:
-        pytest.skip("needs root to switch to the service user")
-    uid, gid = service_user()
-    py = python_for(uid, gid)
-    tmp = Path(tempfile.mkdtemp(prefix="psprobe-links."))
-    try:
-        os.chmod(tmp, 0o755)
-        lab = Lab(tmp, sim, fbus)
-        lab.set("collect", runtime_dir=tmp / "run", max_concurrent=2)
-        for h in (A, B):
-            lab.add_host(h)
-        (tmp / "run").mkdir()
-        for p in (tmp / "state", tmp / "metrics", tmp / "run"):
-            for q in [p, *p.rglob("*")]:
-                os.chown(q, uid, gid)
-        os.chmod(lab.conf, 0o644)
+    with service_lab(sim, fbus, (A, B), "psprobe-links.") as (lab, uid, gid, py):
+        tmp = lab.tmp
 
         def as_user(*args: str) -> subprocess.CompletedProcess:
-            env = {**os.environ, "PSPROBE_CONFIG": str(lab.conf)}
-            env.pop("JOURNAL_STREAM", None)
             return subprocess.run([*py, "-c", CLI[2], *args], capture_output=True, text=True,
-                                  timeout=60, env=env, cwd="/")
+                                  timeout=60, env=lab.env(), cwd="/")
 
         for h in (A, B):
             p = as_user("collect", h)
@@ -497,5 +479,3 @@ def test_as_the_service_user(sim, fbus, figures):
         figures.reject("state", f"links planted by the service user ({USER}: lock, journal, "
                        "history, its host directory), the run as that user", tried, tried,
                        "exit 74, one line naming the path; the user's own file untouched")
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
