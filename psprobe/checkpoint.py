@@ -21,8 +21,6 @@ nothing and resends at most what was confirmed after the copy was taken.
 from __future__ import annotations
 
 import contextlib
-import errno
-import fcntl
 import fnmatch
 import json
 import logging
@@ -338,76 +336,6 @@ def _snapshot(path: Path, dfd: int) -> Checkpoint:
     log.warning("%s; resuming from %s (the end of the last run), kept the damaged file as "
                 "%s.damaged", damage, COPY, path.name)
     return Checkpoint(path, copy.pairs, copy.scheme, copy.recent, copy.swept, copy.routed)
-
-
-HOLDERS = ("collect", "backfill")  # what a host's lock file may say holds it
-
-
-class Busy(Exception):
-    """Another process holds the lock; ``holder`` is its kind (from the file) when known."""
-
-    def __init__(self, path: str, holder: str | None = None) -> None:
-        super().__init__(path)
-        self.holder = holder
-
-
-def _holder(fd: int) -> str | None:
-    """The kind written in a held lock file (``<kind> <pid>``), if it is one of HOLDERS."""
-    try:
-        word = os.pread(fd, 64, 0).split(b"\n", 1)[0].split(b" ", 1)[0].decode("ascii")
-    except (OSError, UnicodeDecodeError):
-        return None
-    return word if word in HOLDERS else None
-
-
-class Lock:
-    """An exclusive, non-blocking flock(2) on a file; released when the process dies.
-
-    With a ``kind``, the holder writes ``<kind> <pid>`` into the file, so that
-    one finding it held can say who holds it (:attr:`Busy.holder`).  The file
-    is never opened through a link; with ``root`` (the state directory) no
-    directory below it is followed either, and missing ones are made.
-    """
-
-    def __init__(self, path: Path, kind: str | None = None, *, root: str | None = None) -> None:
-        self.path, self.kind, self.root = Path(path), kind, root
-        self.fd: int | None = None
-
-    def __enter__(self) -> Lock:
-        try:
-            d = state.dir_fd(self.path, self.root, create=True)
-            try:
-                fd = state.open_file(d, self.path.name, os.O_RDWR | os.O_CREAT, 0o640,
-                                     path=self.path)
-            finally:
-                os.close(d)
-        except OSError as e:
-            raise _failed(self.path, "cannot open lock", e) from None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as e:
-            holder = _holder(fd)
-            os.close(fd)
-            if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                raise Busy(str(self.path), holder) from None
-            raise StateError(f"{self.path}: cannot lock: {e.strerror}") from None
-        if self.kind:
-            rec = f"{self.kind} {os.getpid()}\n".encode()
-            with contextlib.suppress(OSError):  # who holds it is for messages only
-                os.pwrite(fd, rec, 0)
-                os.ftruncate(fd, len(rec))
-        self.fd = fd
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self.fd is not None:
-            os.close(self.fd)
-            self.fd = None
-
-
-def host_lock(state_dir: str, host: str, kind: str = "collect") -> Lock:
-    """The host's run lock, taken by a ``kind`` of run (one of HOLDERS)."""
-    return Lock(state.host_dir(state_dir, host) / "lock", kind, root=state_dir)
 
 
 def peek(state_dir: str, host: str) -> dict[str, int]:

@@ -159,7 +159,7 @@ def sync(ctx: click.Context, dry_run: bool, unit_dir: str | None, no_systemctl: 
     import time
     from pathlib import Path
 
-    from psprobe import checkpoint
+    from psprobe import state
     from psprobe import sync as msync
 
     cfg = _config(ctx)
@@ -185,13 +185,13 @@ def sync(ctx: click.Context, dry_run: bool, unit_dir: str | None, no_systemctl: 
                   f"here ({e.strerror}); recreate it: install -d -m 0770 -o psprobe -g psprobe "
                   f"{sd}", Exit.STATE)
     try:
-        with checkpoint.Lock(sd / "sync.lock"):
+        with state.Lock(sd / "sync.lock"):
             p = msync.plan(cfg, udir, fetch, now=now)
             msync.apply(cfg, p, udir, now=now, systemctl=not no_systemctl)
-    except checkpoint.Busy:
+    except state.Busy:
         log.info("sync: another sync is running; nothing to do")
         return
-    except (checkpoint.StateError, OSError) as e:
+    except (state.StateError, OSError) as e:
         from psprobe.exits import Exit
 
         _fail(f"sync: FAILED error={e}", Exit.STATE)

@@ -20,11 +20,12 @@ from typing import Any
 
 from psprobe import state
 from psprobe.archive import Archive, ArchiveError, Pair, unreachable
-from psprobe.checkpoint import Checkpoint, StateError
+from psprobe.checkpoint import Checkpoint
 from psprobe.config import Config, ConfigError
 from psprobe.exits import Exit
 from psprobe.messages import Encoder, Message, meta_for
 from psprobe.publish import BrokerError, Outlet
+from psprobe.state import StateError
 
 log = logging.getLogger("psprobe.collect")
 

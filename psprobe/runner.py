@@ -30,9 +30,9 @@ def collect_host(cfg: Config, host: str, *, dry_run: bool = False) -> int:
         return _dry_run(cfg, host)
     try:
         state.make_host_dir(sd, host)
-        with checkpoint.host_lock(sd, host):
+        with state.host_lock(sd, host):
             return _locked(cfg, host)
-    except checkpoint.Busy as e:
+    except state.Busy as e:
         if e.holder != "backfill":
             log.info("collect %s: another collect of this host is running; nothing to do", host)
             return OK
@@ -42,7 +42,7 @@ def collect_host(cfg: Config, host: str, *, dry_run: bool = False) -> int:
         history.record(sd, host, {"kind": "skipped", "reason": reason, "start": now,
                                   "end": now, "status": OK})
         return OK
-    except checkpoint.StateError as e:
+    except state.StateError as e:
         log.error("collect %s: FAILED error=%s", host, e)
         return STATE_FAILED
     except OSError as e:
@@ -82,7 +82,7 @@ def _dry_run(cfg: Config, host: str) -> int:
 
     try:
         cp = checkpoint.load(cfg.collect.state_dir, host)
-    except checkpoint.StateError as e:
+    except state.StateError as e:
         log.error("collect %s: FAILED error=%s", host, e)
         return STATE_FAILED
     outlet = PrintOutlet(cfg.broker, sys.stdout.buffer)
@@ -169,7 +169,7 @@ def backfill_host(cfg: Config, host: str, since: int, until: int, *,
     started = time.time()
     try:
         state.make_host_dir(sd, host)
-        with checkpoint.host_lock(sd, host, kind="backfill"):
+        with state.host_lock(sd, host, kind="backfill"):
             cp = checkpoint.load(sd, host)
             try:
                 outlet = BrokerOutlet(cfg.broker)
@@ -192,10 +192,10 @@ def backfill_host(cfg: Config, host: str, since: int, until: int, *,
             finally:
                 outlet.close()
             _record_backfill(cfg, bf, started)
-    except checkpoint.Busy as e:
+    except state.Busy as e:
         bf.status, bf.error = BUSY, (f"a {e.holder or 'collect'} of this host is running "
                                      "(its lock is held); try again")
-    except checkpoint.StateError as e:
+    except state.StateError as e:
         bf.status, bf.error = STATE_FAILED, str(e)
     except OSError as e:
         bf.status, bf.error = STATE_FAILED, f"{e.filename or sd}: {e.strerror}"

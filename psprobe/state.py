@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import json
 import os
 import stat
@@ -347,3 +348,76 @@ def listdir(root: str | Path, *parts: str) -> list[str]:
         return os.listdir(fd)
     finally:
         os.close(fd)
+
+
+# --- locks: one flock(2) helper for every run lock
+
+HOLDERS = ("collect", "backfill")  # what a host's lock file may say holds it
+
+
+class Busy(Exception):
+    """Another process holds the lock; ``holder`` is its kind (from the file) when known."""
+
+    def __init__(self, path: str, holder: str | None = None) -> None:
+        super().__init__(path)
+        self.holder = holder
+
+
+def _holder(fd: int) -> str | None:
+    """The kind written in a held lock file (``<kind> <pid>``), if it is one of HOLDERS."""
+    try:
+        word = os.pread(fd, 64, 0).split(b"\n", 1)[0].split(b" ", 1)[0].decode("ascii")
+    except (OSError, UnicodeDecodeError):
+        return None
+    return word if word in HOLDERS else None
+
+
+class Lock:
+    """An exclusive, non-blocking flock(2) on a file; released when the process dies.
+
+    With a ``kind``, the holder writes ``<kind> <pid>`` into the file, so that
+    one finding it held can say who holds it (:attr:`Busy.holder`).  The file
+    is never opened through a link; with ``root`` (the state directory) no
+    directory below it is followed either, and missing ones are made.
+    """
+
+    def __init__(self, path: Path, kind: str | None = None, *, root: str | None = None) -> None:
+        self.path, self.kind, self.root = Path(path), kind, root
+        self.fd: int | None = None
+
+    def __enter__(self) -> Lock:
+        try:
+            d = dir_fd(self.path, self.root, create=True)
+            try:
+                fd = open_file(d, self.path.name, os.O_RDWR | os.O_CREAT, 0o640,
+                                     path=self.path)
+            finally:
+                os.close(d)
+        except OSError as e:
+            raise (e if isinstance(e, Refused) else
+                   StateError(f"{self.path}: cannot open lock: {e.strerror}")) from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            holder = _holder(fd)
+            os.close(fd)
+            if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise Busy(str(self.path), holder) from None
+            raise StateError(f"{self.path}: cannot lock: {e.strerror}") from None
+        if self.kind:
+            rec = f"{self.kind} {os.getpid()}\n".encode()
+            with contextlib.suppress(OSError):  # who holds it is for messages only
+                os.pwrite(fd, rec, 0)
+                os.ftruncate(fd, len(rec))
+        self.fd = fd
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
+def host_lock(state_dir: str, host: str, kind: str = "collect") -> Lock:
+    """The host's run lock, taken by a ``kind`` of run (one of HOLDERS)."""
+    return Lock(host_dir(state_dir, host) / "lock", kind, root=state_dir)

@@ -11,7 +11,7 @@ import pytest
 from conftest import AMQP_URL, cli_runner, write_config
 from esmond_sim import EsmondSim
 
-from psprobe import checkpoint, config, control, history, runner, state
+from psprobe import config, control, history, runner, state
 from psprobe.cli import main
 
 STEP = 60
@@ -110,7 +110,7 @@ def test_event_type_restricts(tmp_path, sim, bus):
 
 def test_a_running_collect_holds_it_off(tmp_path, sim, bus):
     _h, host, conf, cfg, _regular, _now = make_world(tmp_path, sim, bus, hours=1)
-    with checkpoint.host_lock(cfg.collect.state_dir, host):
+    with state.host_lock(cfg.collect.state_dir, host):
         r = cli(conf, "backfill", host, "--since", "2h")
     assert r.exit_code == runner.BUSY == 75
     assert "lock is held" in r.output
@@ -175,7 +175,7 @@ def test_a_collect_held_off_by_a_backfill_says_so_and_is_recorded_as_skipped(tmp
     _h, host, _conf, cfg, _regular, _now = make_world(tmp_path, sim, bus, hours=1)
     sd = cfg.collect.state_dir
     before = history.load_doc(sd, host)
-    with checkpoint.host_lock(sd, host, kind="backfill"):
+    with state.host_lock(sd, host, kind="backfill"):
         assert _lock_text(cfg, host) == f"backfill {os.getpid()}\n"
         caplog.clear()
         assert runner.collect_host(cfg, host) == 0
@@ -203,7 +203,7 @@ def test_a_collect_held_off_by_a_collect_keeps_todays_line_and_records_nothing(t
     _h, host, _conf, cfg, _regular, _now = make_world(tmp_path, sim, bus, hours=1)
     sd = cfg.collect.state_dir
     before = history.load_doc(sd, host)
-    with checkpoint.host_lock(sd, host):
+    with state.host_lock(sd, host):
         assert _lock_text(cfg, host) == f"collect {os.getpid()}\n"
         caplog.clear()
         assert runner.collect_host(cfg, host) == 0

@@ -195,7 +195,7 @@ def test_a_second_collect_of_the_same_host_exits_0_at_once(sim, bus, tmp_path, c
     host = f"localhost:{sim.port}"
     cfg = make_cfg(tmp_path, bus)
     state.host_dir(cfg.collect.state_dir, host).mkdir(parents=True)
-    with checkpoint.host_lock(cfg.collect.state_dir, host):
+    with state.host_lock(cfg.collect.state_dir, host):
         assert runner.collect_host(cfg, host) == OK
     assert bus.drain() == []
     assert any("another collect of this host is running" in r.getMessage() for r in caplog.records)

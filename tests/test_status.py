@@ -213,7 +213,7 @@ def test_running_collect_and_pause_are_shown(tmp_path):
     now = time.time()
     conf = prepared(tmp_path, now, {"a.example": {"runs": [run(now - 60)], "newest": int(now - 100)}})
     cfg = config.load(str(conf))
-    with checkpoint.host_lock(cfg.collect.state_dir, "a.example"):
+    with state.host_lock(cfg.collect.state_dir, "a.example"):
         out = cli(conf, "status").stdout
         assert out.splitlines()[1].split()[3] == "running"
     assert "running" not in cli(conf, "status").stdout
