@@ -26,17 +26,20 @@ message; a run that dies resends at most that many.
 
 Every wait on the broker ends within ``[broker] timeout``, whatever the
 heartbeat: connecting (pika's socket and stack timeouts), opening the channel,
-each wait for confirms, and closing.  pika's BlockingConnection would otherwise
-wait without limit for a broker that froze with the TCP connection up (its
-``close()`` waits for Connection.CloseOk; its I/O loop for the socket to drain).
-At the deadline the connection is aborted, as pika's own heartbeat check does.
+each wait for confirms, and closing.  pika's loop runs only while the outlet
+waits, under a deadline of its own; when it passes, the connection's socket is
+shut down and pika ends the connection as it ends any lost one.  Only pika's
+public asynchronous API is used (``SelectConnection`` on a loop of our own), so
+a pika update cannot change the window or the deadlines without failing loudly.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
+import os
 import re
 import socket
 import ssl
@@ -93,27 +96,26 @@ class _Sent:
     confirmed: Callable[[], None]
 
 
-class _NoAnswer(Exception):
-    """Why this side aborted the connection: the broker let a deadline pass."""
-
-
 # Returned messages whose confirmed() is held back, waiting for a routed one, are
 # at most this many windows (each holds its message): past it, nothing is routed.
 HELD_WINDOWS, HELD_MIN = 8, 256
 
 
 class BrokerOutlet:
-    """One AMQP connection and confirming channel for a whole run.
+    """One AMQP connection and confirming channel for a whole run, on pika's public
+    asynchronous API: a ``SelectConnection`` on an I/O loop of our own, run only while
+    the outlet waits.
 
-    pika's BlockingChannel waits for each confirm before the next publish; its
-    asynchronous channel underneath (``_impl``, there since pika 0.10) takes
-    confirms as they come, which is what a window needs.  Its callbacks only
-    record what the broker said; the checkpoint callbacks run afterwards, here.
+    Why not ``BlockingConnection``: its channel waits for each confirm before the
+    next publish (no window), and it has no way to abort a connection whose broker
+    froze.  Here pika's callbacks only record what the broker said and stop the
+    loop once the wait is over; the checkpoint callbacks run afterwards, outside it.
 
-    pika's private names relied on (the same from 1.0 to 1.4): ``_impl`` (the
-    asynchronous connection and channel under the blocking ones) and
-    ``Connection._terminate_stream``, which aborts the connection and is what
-    pika's own heartbeat check calls when the broker stops answering.
+    A deadline that passes shuts the connection's socket down (``shutdown(2)`` on a
+    duplicate of the descriptor, as fetch.py's watchdog does for HTTP): pika then
+    reads end-of-file and tears the connection down itself, through the same close
+    callbacks as any lost connection.  The descriptor is the one pika registers
+    with the loop (``add_handler``), which is how this loop knows it.
     """
 
     def __init__(self, settings: config.Broker, routed_keys: frozenset[str] = frozenset()) -> None:
@@ -126,18 +128,26 @@ class BrokerOutlet:
         self.unroutable: dict[str, int] = {}  # routing key -> messages returned unroutable
         self._sent: deque[_Sent] = deque()
         self._tag = 0  # delivery tags count from 1 on a channel in confirm mode
-        self._acked_upto = 0  # every tag up to this one is acked ("multiple" acks)
-        self._acked: set[int] = set()  # single acks above it
-        self._returned: dict[str, int] = {}  # message id -> returns not yet matched to a confirm
+        self._acked_upto = 0  # every tag up to this one is acked
+        self._acked: set[int] = set()  # single acks above it, not yet contiguous
+        self._refused: float = float("inf")  # the first tag the broker nacked: nothing from it on moves
+        self._returned: dict[str, int] = {}  # message id -> returns not yet matched to an ack
         self._held: list[Callable[[], None]] = []  # confirmed() of returned messages, in order
         self._routed = False  # a message that reached a queue was confirmed
         self._known = routed_keys  # keys that reached a queue in earlier runs
         self.routed_keys: set[str] = set()  # keys that reached a queue in this run
-        self._failed: Exception | str | None = None  # a nack, or why the channel closed
-        self._waiting = False  # in _wait: pika's callbacks must wake it
+        self._failed: Exception | str | None = None  # a nack, a deadline, or why it closed
         self._blocked = False  # Connection.Blocked (a resource alarm) until Unblocked
         self._broken = False  # the broker let a deadline pass: no polite close
+        self._gone = False  # pika reported the connection closed
+        # the wait under way: stop the loop once done() holds; news = the last confirm
+        self._done: Callable[[], bool] | None = None
+        self._what = ""
+        self._news = 0.0
+        self._timer = None
+        self._workflow = None  # pika's connection workflow, until it reports
         self.conn = None
+        self.channel = None
         try:
             params = connection_parameters(settings)
         except (ssl.SSLError, OSError) as e:
@@ -146,101 +156,170 @@ class BrokerOutlet:
             raise config.ConfigError(
                 f"[broker] ca/cert/key: cannot load: {getattr(e, 'reason', None) or e.strerror or e}"
             ) from None
-        try:  # bounded by socket_timeout and stack_timeout
-            self.conn = pika.BlockingConnection(params)
-        except Exception as e:
-            raise BrokerError(f"broker {self.where}: {self._reason(e)}") from None
+        self._loop = _loop_type()()
         try:
+            self._connect(params)
             self._setup()
+        except BrokerError:
+            self.close()
+            raise
+        except Exception as e:  # from inside pika's loop: one line all the same
+            self.close()
+            raise BrokerError(f"broker {self.where}: {self._reason(e)}") from None
         except BaseException:
             self.close()
             raise
 
+    def _connect(self, params) -> None:
+        """TCP, TLS and the AMQP handshake, each bounded by pika's own timers
+        (``socket_timeout``, ``stack_timeout``: ``[broker] timeout``)."""
+        result: list = []
+
+        def on_done(conn_or_error) -> None:
+            result.append(conn_or_error)
+            self._workflow = None
+            self._poke()
+
+        self._workflow = self._pika.SelectConnection.create_connection(
+            [params], on_done, custom_ioloop=self._loop)
+        self._spin(lambda: bool(result), "connection")
+        if not result:  # the name lookup hung (_give_up): wait for the abort's report
+            self._spin(lambda: bool(result), "connection")
+        r = result[0] if result else None
+        if not isinstance(r, self._pika.SelectConnection):
+            why = self._failed if isinstance(self._failed, str) else self._reason(_reap(r))
+            raise BrokerError(f"broker {self.where}: {why}")
+        self.conn = r
+        r.add_on_close_callback(self._on_conn_close)
+        # Known at once, inside a wait that overruns: _late() then says why.
+        r.add_on_connection_blocked_callback(lambda *_: self._set_blocked(True))
+        r.add_on_connection_unblocked_callback(lambda *_: self._set_blocked(False))
+
     def _setup(self) -> None:
-        settings, pika = self.settings, self._pika
-        try:
-            with self._bounded(time.monotonic() + settings.timeout,
-                               "answer to channel.open and exchange.declare"):
-                self.channel = self.conn.channel()
-                if settings.declare_exchange:
-                    self.channel.exchange_declare(settings.exchange, exchange_type="topic",
-                                                  durable=True)
-                else:
-                    self.channel.exchange_declare(settings.exchange, passive=True)
-        except Exception as e:
-            raise BrokerError(f"broker {self.where}: {self._reason(e)}") from None
-        self.props = pika.BasicProperties(delivery_mode=2, content_type="application/json")
-        # On the connection underneath: known at once, even inside a wait that overruns
-        # (BlockingConnection hands its own callbacks out only after the wait).
-        self.conn._impl.add_on_connection_blocked_callback(lambda *_: self._set_blocked(True))
-        self.conn._impl.add_on_connection_unblocked_callback(lambda *_: self._set_blocked(False))
-        ch = self.channel._impl
-        ch.add_on_return_callback(self._on_return)
-        ch.add_on_close_callback(self._on_close)
+        """Channel, exchange (declared or checked), confirm mode: pipelined, one wait."""
+        settings = self.settings
         selected: list[bool] = []
+
+        def on_open(ch) -> None:
+            self.channel = ch
+            ch.add_on_close_callback(self._on_close)
+            ch.add_on_return_callback(self._on_return)
+            if settings.declare_exchange:
+                ch.exchange_declare(settings.exchange, exchange_type="topic", durable=True)
+            else:
+                ch.exchange_declare(settings.exchange, passive=True)
+            ch.confirm_delivery(ack_nack_callback=self._on_confirm, callback=on_selected)
 
         def on_selected(_frame) -> None:
             selected.append(True)
-            self._wake()
+            self._poke()
 
-        ch.confirm_delivery(ack_nack_callback=self._on_confirm, callback=on_selected)
-        self._wait(lambda: bool(selected), "answer to confirm.select")
+        self.conn.channel(on_open_callback=on_open)
+        self._wait(lambda: bool(selected),
+                   "answer to channel.open, exchange.declare and confirm.select")
+        self.props = self._pika.BasicProperties(delivery_mode=2, content_type="application/json")
 
-    # pika's callbacks: record, then wake process_data_events (which would otherwise
-    # wait out its time limit: it only returns early for BlockingChannel's own events)
+    # pika's callbacks: record what the broker said, then let the wait check if it is over
 
     def _on_confirm(self, frame) -> None:
         m = frame.method
+        tag = m.delivery_tag
         if isinstance(m, self._pika.spec.Basic.Nack):
+            # "multiple": every tag not yet settled up to this one
+            self._refused = min(self._refused, self._acked_upto + 1 if m.multiple else tag)
             self._failed = self._failed or "the broker refused (nack) a message"
         elif m.multiple:
-            self._acked_upto = max(self._acked_upto, m.delivery_tag)
+            if tag > self._acked_upto:
+                self._acked_upto = tag
+                if self._acked:
+                    self._acked = {t for t in self._acked if t > tag}
         else:
-            self._acked.add(m.delivery_tag)
-        self._wake()
+            self._acked.add(tag)
+        while self._acked_upto + 1 in self._acked:
+            self._acked_upto += 1
+            self._acked.discard(self._acked_upto)
+        self._news = time.monotonic()
+        self._poke()
 
     def _on_return(self, _channel, _method, props, _body) -> None:
         # The broker sends Basic.Return before the ack of the same message, and
         # both in publish order: the oldest unacked message with this id is it.
         self._returned[props.message_id] = self._returned.get(props.message_id, 0) + 1
-        self._wake()
 
     def _on_close(self, _channel, reason: Exception) -> None:
         self._failed = self._failed or reason
-        self._wake()
+        self._poke()
+
+    def _on_conn_close(self, _conn, reason: Exception) -> None:
+        self._gone = True
+        self._failed = self._failed or reason
+        self._poke()
 
     def _set_blocked(self, blocked: bool) -> None:
         self._blocked = blocked
 
-    def _wake(self) -> None:
-        if not self._waiting:
-            return
-        # closing: process_data_events returns (and says why) anyway
-        with contextlib.suppress(self._pika.exceptions.ConnectionWrongStateError):
-            self.conn.add_callback_threadsafe(_nothing)
+    # waits: pika's loop runs only here, each wait bounded by [broker] timeout
 
-    # deadlines: pika's blocking calls have none of their own
+    def _wait(self, cond: Callable[[], bool], what: str) -> None:
+        """Run the loop until ``cond()`` or a failure; hand out what was confirmed, then
+        raise if the broker failed us meanwhile."""
+        self._spin(lambda: self._failed is not None or cond(), what)
+        self._hand_out()
 
-    @contextlib.contextmanager
-    def _bounded(self, deadline: float, what: str) -> Iterator[None]:
-        """Abort the connection if the block's pika calls are still waiting at ``deadline``.
+    def _spin(self, done: Callable[[], bool], what: str) -> None:
+        """Run pika's I/O loop until ``done()``.
 
-        A timer in pika's own I/O loop: it fires inside any of its waits
-        (process_data_events waiting for the socket to drain, close waiting for
-        CloseOk), and the wait then ends with the ``_NoAnswer`` it was aborted with.
+        ``[broker] timeout`` after the start or the last confirm (``no <what>
+        within``), the socket is shut down and the wait ends; so a frozen broker
+        costs one timeout, whatever the heartbeat, and pika's own waits (the
+        socket draining, Connection.CloseOk) end with it.
         """
-        impl = self.conn._impl
-        if impl.is_closed:  # nothing will wait: every call fails at once
-            yield
+        if done():
             return
-        loop = impl.ioloop
-        timer = loop.call_later(max(0.0, deadline - time.monotonic()),
-                                lambda: self._abort(self._late(what)))
+        loop = self._loop
+        self._done, self._what, self._news = done, what, time.monotonic()
+        self._timer = loop.call_later(self.settings.timeout, self._expire)
         try:
-            yield
+            loop.start()  # until _poke or _give_up stops it
         finally:
-            with contextlib.suppress(Exception):  # gone with a closed connection's loop
-                loop.remove_timeout(timer)
+            self._done = None
+            loop.remove_timeout(self._timer)
+
+    def _poke(self) -> None:
+        """From pika's callbacks: the wait is over once its condition holds."""
+        if self._done is not None and self._done():
+            self._done = None
+            self._loop.stop()
+
+    def _expire(self) -> None:
+        now = time.monotonic()
+        if self._workflow is not None:  # connecting: pika's timers bound each socket it opens
+            self._news = now if self._loop.fds else max(self._news, self._loop.quiet)
+        left = self._news + self.settings.timeout - now
+        if left > 1e-3:
+            self._timer = self._loop.call_later(left, self._expire)
+            return
+        self._give_up()
+
+    def _give_up(self) -> None:
+        """A deadline passed: end the wait, and the connection with it."""
+        t = self.settings.timeout
+        if self._workflow is not None:  # no socket for a timeout: the name lookup hangs
+            host = urlsplit(self.settings.url).hostname
+            self._failed = self._failed or f"cannot connect (looking up {host} took over {t:g}s)"
+            with contextlib.suppress(Exception):  # reports through on_done, aborted
+                self._workflow.abort()
+        else:
+            self._failed = self._failed or self._late(self._what)
+            self._broken = True
+            self._cut()
+        self._done = None
+        self._loop.stop()
+
+    def _cut(self) -> None:
+        """Shut the connection's socket down: pika reads EOF and closes the connection."""
+        for fd in list(self._loop.fds):
+            _shutdown(fd)
 
     def _late(self, what: str) -> str:
         if self._blocked:  # pika's blocked_connection_timeout is the same: be first
@@ -248,81 +327,52 @@ class BrokerOutlet:
                     f"{self.settings.timeout:g}s")
         return f"no {what} within {self.settings.timeout:g}s"
 
-    def _abort(self, why: str) -> None:
-        """Drop the connection now, without the AMQP goodbye a frozen broker never answers."""
-        self._broken = True
-        impl = self.conn._impl
-        if not impl.is_closed:
-            with contextlib.suppress(Exception):
-                impl._terminate_stream(_NoAnswer(why))
+    def _raise_failed(self) -> None:
+        f = self._failed
+        if f is not None:
+            raise BrokerError(f"broker {self.where}: {f if isinstance(f, str) else self._reason(f)}")
 
     # the outlet
 
     def send(self, msg: Message, confirmed: Callable[[], None]) -> None:
+        self._raise_failed()
         props = self.props
         props.message_id = msg.message_id
-        try:  # only buffered: pika writes when its I/O loop runs (in _wait)
-            self.channel._impl.basic_publish(self.settings.exchange, msg.routing_key, msg.body,
-                                             properties=props, mandatory=True)
+        try:  # only buffered: pika writes when its loop runs (in a wait)
+            self.channel.basic_publish(self.settings.exchange, msg.routing_key, msg.body,
+                                       properties=props, mandatory=True)
         except Exception as e:
             raise BrokerError(f"broker {self.where}: {self._reason(e)}") from None
         self._tag += 1
         self._sent.append(_Sent(self._tag, msg.message_id, msg.routing_key, confirmed))
         if len(self._sent) >= self.window:  # a full window: out it goes, then wait for half
-            while len(self._sent) > self.window // 2:
-                self._progress()
+            half = self.window // 2
+            self._wait(lambda: self._tag - self._acked_upto <= half, "confirm")
 
     def flush(self) -> None:
-        while self._sent:
-            self._progress()
+        if self._sent:
+            self._wait(lambda: self._acked_upto >= self._tag, "confirm")
         if self._held:  # every message so far came back: wrong exchange, or nothing bound
             raise BrokerError(self._nothing_routed(f"all {len(self._held)} message(s) of this run "
                                                    "were"))
 
-    def _progress(self) -> None:
-        """Wait until at least one more message is confirmed (or fail)."""
-        n = len(self._sent)
-        self._wait(lambda: len(self._sent) < n, "confirm")
-
-    def _wait(self, done: Callable[[], bool], what: str) -> None:
-        deadline = time.monotonic() + self.settings.timeout
-        with self._bounded(deadline, what):
-            self._io(0)
-            while not done():
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    self._broken = True
-                    raise BrokerError(f"broker {self.where}: {self._late(what)}")
-                self._waiting = True
-                try:
-                    self._io(min(left, 1.0))
-                finally:
-                    self._waiting = False
-
-    def _io(self, seconds: float) -> None:
-        """Let pika read and write for up to ``seconds``; then hand out the confirms."""
-        try:
-            self.conn.process_data_events(time_limit=seconds)
-        except Exception as e:
-            raise BrokerError(f"broker {self.where}: {self._reason(e)}") from None
+    def _hand_out(self) -> None:
+        """Run the confirmed() of the acked messages at the head, in publish order."""
         while self._sent:
             head = self._sent[0]
-            if head.tag > self._acked_upto and head.tag not in self._acked:
+            if head.tag > self._acked_upto or head.tag >= self._refused:
                 break
             if self._returned.get(head.message_id):
                 self._unroutable(head)
             else:
                 self._sent.popleft()
-                self._acked.discard(head.tag)
                 self._routed = True
                 self.routed_keys.add(head.routing_key)
                 held, self._held = self._held, []
                 for f in held:  # a message reached a queue: those returned before it count
                     f()
                 head.confirmed()
-        if self._failed is not None:
-            f = self._failed
-            raise BrokerError(f"broker {self.where}: {f if isinstance(f, str) else self._reason(f)}")
+        self._raise_failed()
 
     def _unroutable(self, head: _Sent) -> None:
         """``head`` was acked after a Basic.Return: count it, then drop it, hold it or fail."""
@@ -334,7 +384,6 @@ class BrokerOutlet:
                               f"returned unroutable by exchange {x!r}: no queue is bound for "
                               "that key ([broker] unroutable = fail)")
         self._sent.popleft()
-        self._acked.discard(head.tag)
         self._returned[head.message_id] -= 1
         if first:
             log.warning("broker %s: message(s) with routing key %r returned unroutable by "
@@ -357,31 +406,34 @@ class BrokerOutlet:
                 "delivered; check the exchange and its bindings")
 
     def close(self) -> None:
-        """Close within ``[broker] timeout``; abort at once if the broker stopped answering."""
-        conn = self.conn
-        if conn is None or conn.is_closed:
+        """Close within ``[broker] timeout``; at once if the broker stopped answering.
+
+        Never raises: the run's own error, if any, is the one to report.
+        """
+        loop, conn = self._loop, self.conn
+        if loop is None:
             return
         try:
-            if self._broken or not conn.is_open:
-                self._abort("closing")
-            else:
-                with self._bounded(time.monotonic() + self.settings.timeout,
-                                   "answer to connection.close"):
-                    conn.close()
+            if conn is not None and not self._gone:
+                if not self._broken and conn.is_open:
+                    try:
+                        conn.close()
+                    except Exception as e:
+                        log.debug("closing broker connection: %s", e)
+                    else:
+                        self._spin(lambda: self._gone, "answer to connection.close")
+                if not self._gone:  # frozen: pika's teardown needs one more turn, or a cut
+                    self._cut()
+                    self._spin(lambda: self._gone, "end of the connection")
         except Exception as e:
             log.debug("closing broker connection: %s", e)
-        if not conn.is_closed:
-            self._abort("closing")
-            # One turn of pika's loop delivers the abort: the socket is closed, and
-            # the wait ends at once (it raises why the connection ended).
-            with contextlib.suppress(Exception):
-                conn.process_data_events(0)
+        finally:
+            self._loop = None
+            loop.close()
 
     def _reason(self, e: BaseException) -> str:
         ex = self._pika.exceptions
         x = self.settings.exchange
-        if isinstance(e, _NoAnswer):
-            return str(e)
         if isinstance(e, ex.ChannelClosedByBroker):
             if e.reply_code == 404:
                 return f"exchange {x!r} does not exist (create it, or set [broker] declare_exchange)"
@@ -398,12 +450,67 @@ class BrokerOutlet:
             return f"connection closed by broker: {e.reply_code} {e.reply_text}"
         if isinstance(e, ex.AMQPHeartbeatTimeout):
             return "connection lost (no heartbeat from the broker)"
-        if isinstance(e, (ex.StreamLostError, ex.ConnectionWrongStateError)):
+        if isinstance(e, (ex.StreamLostError, ex.ConnectionWrongStateError,
+                          ex.ChannelWrongStateError)):
             return "connection lost"
         if isinstance(e, ex.IncompatibleProtocolError):
             return ("cannot connect (the server closed the connection during the AMQP "
                     "handshake: is it an AMQP 0-9-1 broker?)")
         return _connect_failure(e, self.settings.timeout)
+
+
+@functools.cache
+def _loop_type() -> type:
+    """pika's own I/O loop, which also keeps the descriptors pika registers with it.
+
+    ``custom_ioloop`` and the loop's ``add_handler``/``remove_handler`` are pika's
+    public interface for bringing a loop of one's own (``AbstractSelectorIOLoop``):
+    every socket the connection opens is registered and unregistered there,
+    before pika closes it, so ``fds`` holds only live sockets of this connection.
+    """
+    from pika.adapters.select_connection import IOLoop
+
+    class Loop(IOLoop):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fds: set[int] = set()
+            self.quiet = time.monotonic()  # since when no descriptor is registered
+
+        def add_handler(self, fd, handler, events) -> None:
+            super().add_handler(fd, handler, events)
+            self.fds.add(fd)
+
+        def remove_handler(self, fd) -> None:
+            super().remove_handler(fd)
+            self.fds.discard(fd)
+            if not self.fds:
+                self.quiet = time.monotonic()
+
+    return Loop
+
+
+def _shutdown(fd: int) -> None:
+    """``shutdown(SHUT_RDWR)`` through a duplicate of ``fd``: pika's own socket stays its to close."""
+    try:
+        s = socket.socket(fileno=os.dup(fd))
+    except OSError:
+        return
+    with contextlib.suppress(OSError), s:
+        s.shutdown(socket.SHUT_RDWR)
+
+
+def _reap(error: BaseException | None) -> BaseException:
+    """The error of the last connection attempt, as BlockingConnection reports it."""
+    import pika
+    from pika.adapters.utils import connection_workflow as cw
+
+    if isinstance(error, cw.AMQPConnectionWorkflowFailed):
+        error = error.exceptions[-1]
+        if isinstance(error, cw.AMQPConnectorSocketConnectError):
+            return pika.exceptions.AMQPConnectionError(error)
+        if isinstance(error, cw.AMQPConnectorPhaseErrorBase):
+            return error.exception
+    return error if error is not None else ConnectionError("no connection")
 
 
 class LazyBrokerOutlet:
@@ -443,10 +550,6 @@ class LazyBrokerOutlet:
     def close(self) -> None:
         if self.outlet is not None:
             self.outlet.close()
-
-
-def _nothing() -> None:
-    pass
 
 
 def connection_parameters(settings: config.Broker):
