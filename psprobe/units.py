@@ -1,10 +1,15 @@
-"""Enablement of the per-host timers, written by sync itself.
+"""Enablement of the per-host timers, written by sync itself, under one parent unit.
 
-``systemctl enable psprobe@X.timer`` does nothing but make the symlink
-``timers.target.wants/psprobe@X.timer -> /usr/lib/systemd/system/psprobe@.timer``.
-Sync writes those symlinks directly (one directory listing instead of 2 000
-``systemctl is-enabled`` calls, and testable with a temp dir), then asks systemd
-once to reload and to start/stop only the timers that changed.
+Every psprobe timer is wanted by, and ``PartOf=``, ``psprobe-timers.target``
+(units/psprobe-timers.target): whether psprobe runs is that one unit's state,
+kept by systemd.  ``systemctl enable psprobe@X.timer`` does nothing but make
+the symlink ``psprobe-timers.target.wants/psprobe@X.timer ->
+/usr/lib/systemd/system/psprobe@.timer``.  Sync writes those symlinks directly
+(one directory listing instead of 2 000 ``systemctl is-enabled`` calls, and
+testable with a temp dir), then asks systemd once to reload, once to start the
+target (which starts the timers it newly wants) and once to stop the removed
+timers.  Pause and resume are ``systemctl disable/enable --now`` of the target
+(psprobe.control).
 
 Beside each link goes the host's schedule, the drop-in
 ``psprobe@X.timer.d/10-phase.conf``: ``OnCalendar=`` every ``[collect] interval``
@@ -33,8 +38,16 @@ from psprobe import hostnames
 
 log = logging.getLogger("psprobe.units")
 
-TIMER_WANTS = "timers.target.wants"
+# The parent of every psprobe timer, and where its own enablement link goes.
+TARGET = "psprobe-timers.target"
+WANTS = f"{TARGET}.wants"
+PARENT_WANTS = "timers.target.wants"
+SYNC_TIMER = "psprobe-sync.timer"
 TEMPLATE = "psprobe@.timer"
+TEMPLATE_DIR = Path("/usr/lib/systemd/system")
+# What a psprobe before the parent unit left: its timer links in timers.target.wants,
+# and `psprobe pause` as this marker in the state directory (see migrate()).
+LEGACY_MARKER = "paused.json"
 _PREFIX, _SUFFIX = "psprobe@", ".timer"
 # The schedule drop-in sync writes in psprobe@<instance>.timer.d/.  Drop-ins apply in
 # file-name order across the template's and the instance's directories: "10-" comes
@@ -44,6 +57,9 @@ DROPIN = "10-phase.conf"
 DEFAULT_INTERVAL = 600  # [collect] interval
 # systemctl's text is parsed below: keep it in one language and one zone.
 _ENV = {"LC_ALL": "C", "TZ": "UTC", "SYSTEMD_PAGER": "", "SYSTEMD_COLORS": "0"}
+
+
+Systemctl = Callable[..., subprocess.CompletedProcess]
 
 
 class UnitsError(OSError):
@@ -116,24 +132,50 @@ def enabled_hosts(unit_dir: Path) -> set[str]:
     return set(_enabled(Path(unit_dir), warn=True).values())
 
 
+def _host_of(name: str) -> str:
+    """The host of a ``psprobe@<instance>.timer`` link name; ValueError for any other name."""
+    if not (name.startswith(_PREFIX) and name.endswith(_SUFFIX)):
+        raise ValueError("not a psprobe host timer")
+    return hostnames.from_instance(name[len(_PREFIX) : -len(_SUFFIX)])
+
+
 def _enabled(unit_dir: Path, *, warn: bool = False) -> dict[str, str]:
-    """Link name -> host of every psprobe host timer link in ``unit_dir``."""
-    wants = unit_dir / TIMER_WANTS
-    try:
-        names = os.listdir(wants)
-    except FileNotFoundError:
-        return {}
+    """Link name -> host of every psprobe host timer symlink in ``unit_dir``.
+
+    The links of an older psprobe in timers.target.wants count too, until
+    :func:`migrate` (the package's upgrade, or the next sync) moves them.
+    """
     hosts = {}
-    for name in names:
-        if not (name.startswith(_PREFIX) and name.endswith(_SUFFIX)):
-            continue  # another package's timer
-        instance = name[len(_PREFIX) : -len(_SUFFIX)]
+    for d in (unit_dir / PARENT_WANTS, unit_dir / WANTS):
         try:
-            hosts[name] = hostnames.from_instance(instance)
-        except ValueError as e:
-            if warn:
-                log.warning("ignoring %s in %s: not a psprobe host timer (%s)", name, wants, e)
+            with os.scandir(d) as it:  # the file type comes with the name: no stat
+                names = [e.name for e in it if e.is_symlink()]
+        except FileNotFoundError:
+            continue
+        for name in names:
+            if not (name.startswith(_PREFIX) and name.endswith(_SUFFIX)):
+                continue  # another package's timer, or the sync timer
+            try:
+                hosts[name] = _host_of(name)
+            except ValueError as e:
+                if warn:
+                    log.warning("ignoring %s in %s: not a psprobe host timer (%s)", name, d, e)
     return hosts
+
+
+def target_enabled(unit_dir: Path) -> bool:
+    """``psprobe-timers.target`` is enabled in ``unit_dir``: psprobe is not paused."""
+    return os.path.islink(Path(unit_dir) / PARENT_WANTS / TARGET)
+
+
+def paused(unit_dir: Path) -> bool:
+    """``psprobe pause``: the target is disabled while the sync timer is enabled under it.
+
+    The links say it, as systemd reads them (UnitFileState).  Hosts enabled by
+    hand, the sync timer and the target never enabled, are not paused: their
+    timers are just stopped.
+    """
+    return not target_enabled(unit_dir) and os.path.islink(Path(unit_dir) / WANTS / SYNC_TIMER)
 
 
 def _make_dir(d: Path) -> None:
@@ -162,12 +204,15 @@ def _link(wants: Path, name: str, target: Path) -> bool:
     return True
 
 
-def _unlink(wants: Path, name: str) -> bool:
-    try:
-        (wants / name).unlink()
-    except FileNotFoundError:
-        return False
-    return True
+def _unlink(unit_dir: Path, name: str) -> bool:
+    gone = False
+    for d in (WANTS, PARENT_WANTS):  # an older psprobe's link too, if not migrated yet
+        try:
+            (unit_dir / d / name).unlink()
+        except FileNotFoundError:
+            continue
+        gone = True
+    return gone
 
 
 def _read_dropin(path: Path) -> str | None:
@@ -241,14 +286,15 @@ def next_time(host: str, interval: int, after: float) -> int:
     return p + (int((after - p) // interval) + 1) * interval
 
 
-def _reschedulable(pending: dict[str, tuple[str, int]], hosts: int) -> tuple[list[str], list[str]]:
+def _reschedulable(run: Systemctl, pending: dict[str, tuple[str, int]],
+                   hosts: int) -> tuple[list[str], list[str]]:
     """Split timers whose schedule changed into (apply now, hold back).
 
     ``pending``: link name -> (host, new interval); ``hosts``: all enabled.
     One ``systemctl show`` says which timers run and when each last fired.
     """
-    cp = _run("show", "-p", "Id", "-p", "ActiveState", "-p", "LastTriggerUSec",
-              "-p", "InactiveExitTimestamp", *pending)
+    cp = run("show", "-p", "Id", "-p", "ActiveState", "-p", "LastTriggerUSec",
+             "-p", "InactiveExitTimestamp", *pending)
     props: dict[str, dict[str, str]] = {}
     if cp.returncode == 0:
         for block in cp.stdout.split("\n\n"):
@@ -272,94 +318,6 @@ def _reschedulable(pending: dict[str, tuple[str, int]], hosts: int) -> tuple[lis
     return ok + late[:at_once], late[at_once:]
 
 
-def apply(
-    unit_dir: Path,
-    add: Iterable[str],
-    remove: Iterable[str],
-    *,
-    interval: int | Callable[[str], int] = DEFAULT_INTERVAL,
-    template_dir: Path = Path("/usr/lib/systemd/system"),
-    systemctl: bool = True,
-) -> None:
-    """Enable the timers of ``add`` and disable those of ``remove``; keep the schedules.
-
-    Writes only inside ``unit_dir``: the links in ``timers.target.wants``, and
-    beside every link found there afterwards (sync's, or one made by hand) the
-    host's schedule drop-in (:func:`dropin_text`, ``interval`` seconds, or
-    ``interval(host)``), written only when its content changes; a drop-in
-    whose link is gone is removed.  When something changed and ``systemctl``
-    is true: one ``daemon-reload``, then one ``start --no-block`` of the new
-    timers and one ``stop --no-block`` of the removed ones.  Raises
-    :class:`UnitsError` when systemctl fails.
-
-    A timer already running whose schedule changes (a new interval, or the
-    first drop-in of a timer enabled without one) gets it only when the
-    reload will not fire it at once, or within :data:`RESCHEDULE_AT_ONCE`
-    of the hosts per call; the others keep theirs until a later call.
-    """
-    unit_dir = Path(unit_dir)
-    wants = unit_dir / TIMER_WANTS
-    target = Path(template_dir) / TEMPLATE
-    started = []
-    stopped = []
-    add = sorted(set(add))
-    remove = sorted(set(remove) - set(add))
-    if add:
-        _make_dir(wants)
-    for host in add:
-        name = timer_name(host)
-        if _link(wants, name, target):
-            started.append(name)
-    for host in remove:
-        name = timer_name(host)
-        if _unlink(wants, name):
-            stopped.append(name)
-    every = interval if callable(interval) else (lambda _host: interval)
-    links = _enabled(unit_dir)
-    new = set(started)
-    changed: dict[str, tuple[str, int, Path, str]] = {}
-    for name, host in sorted(links.items()):
-        seconds = every(host)
-        path, text = dropin_path(unit_dir, host), dropin_text(host, seconds)
-        if _read_dropin(path) != text:
-            changed[name] = (host, seconds, path, text)
-    pending = {n: (c[0], c[1]) for n, c in changed.items() if n not in new}
-    held: list[str] = []
-    rescheduled = list(pending)
-    if pending and systemctl:
-        rescheduled, held = _reschedulable(pending, len(links))
-    for name in sorted(new & set(changed)) + rescheduled:
-        _write_dropin(changed[name][2], changed[name][3])
-    swept = _sweep_dropins(unit_dir, links)
-    if started or stopped or rescheduled or swept:
-        log.info("timers enabled: %d, disabled: %d, rescheduled: %d; schedules removed: %d",
-                 len(started), len(stopped), len(rescheduled), swept)
-    if held:
-        log.info("schedule of %d host(s) kept until a later sync: applied now, it would run "
-                 "them at once", len(held))
-    if not systemctl or not (started or stopped or rescheduled or swept):
-        return
-    errors = []
-    steps: list[tuple[str, ...]] = [("daemon-reload",)]
-    if started:
-        steps.append(("start", "--no-block", *started))
-    if stopped:
-        steps.append(("stop", "--no-block", *stopped))
-    for step in steps:
-        cp = _run(*step)
-        if cp.returncode != 0:
-            errors.append(f"systemctl {step[0]}: {cp.stderr.strip() or f'exit {cp.returncode}'}")
-            if step[0] == "daemon-reload":
-                break
-    if errors:
-        raise UnitsError("; ".join(errors))
-
-
-def _run(*args: str) -> subprocess.CompletedProcess:
-    # apply()'s keyword argument hides the function's name; tests monkeypatch it.
-    return systemctl(*args)
-
-
 def systemctl(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
     """Run ``systemctl ARGS`` (text captured, never raising for its exit code).
 
@@ -373,6 +331,167 @@ def systemctl(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
         return subprocess.CompletedProcess(cmd, 127, "", "systemctl: not found")
     except subprocess.TimeoutExpired:
         return subprocess.CompletedProcess(cmd, 124, "", f"systemctl: no answer in {timeout:g}s")
+
+
+def _steps(run: Systemctl, steps: list[tuple[str, ...]]) -> None:
+    """Run each systemctl step; stop after a failed daemon-reload; raise :class:`UnitsError`."""
+    errors = []
+    for step in steps:
+        cp = run(*step)
+        if cp.returncode != 0:
+            errors.append(f"systemctl {step[0]}: {cp.stderr.strip() or f'exit {cp.returncode}'}")
+            if step[0] == "daemon-reload":
+                break
+    if errors:
+        raise UnitsError("; ".join(errors))
+
+
+def apply(
+    unit_dir: Path,
+    add: Iterable[str],
+    remove: Iterable[str],
+    *,
+    interval: int | Callable[[str], int] = DEFAULT_INTERVAL,
+    template_dir: Path = TEMPLATE_DIR,
+    systemctl: Systemctl | None = systemctl,
+) -> None:
+    """Enable the timers of ``add`` and disable those of ``remove``; keep the schedules.
+
+    Writes only inside ``unit_dir``: the links in ``psprobe-timers.target.wants``,
+    and beside every link found there afterwards (sync's, or one made by hand)
+    the host's schedule drop-in (:func:`dropin_text`, ``interval`` seconds, or
+    ``interval(host)``), written only when its content changes; a drop-in
+    whose link is gone is removed.  When something changed, ``systemctl`` (None:
+    no call at all, for images and tests) is called: one ``daemon-reload``,
+    then, unless psprobe is paused, one ``start --no-block psprobe-timers.target``
+    (starting the parent starts every timer it newly wants, running ones stay
+    as they are), and one ``stop --no-block`` of the removed timers.  Paused,
+    the new links wait for ``psprobe resume``.  Raises :class:`UnitsError` when
+    systemctl fails.
+
+    A timer already running whose schedule changes (a new interval, or the
+    first drop-in of a timer enabled without one) gets it only when the
+    reload will not fire it at once, or within :data:`RESCHEDULE_AT_ONCE`
+    of the hosts per call; the others keep theirs until a later call.
+    """
+    run = systemctl  # the parameter hides the module's function of that name
+    unit_dir = Path(unit_dir)
+    wants = unit_dir / WANTS
+    target = Path(template_dir) / TEMPLATE
+    started = []
+    stopped = []
+    add = sorted(set(add))
+    remove = sorted(set(remove) - set(add))
+    if add:
+        _make_dir(wants)
+    for host in add:
+        name = timer_name(host)
+        if _link(wants, name, target):
+            started.append(name)
+    for host in remove:
+        name = timer_name(host)
+        if _unlink(unit_dir, name):
+            stopped.append(name)
+    every = interval if callable(interval) else (lambda _host: interval)
+    links = _enabled(unit_dir)
+    new = set(started)
+    changed: dict[str, tuple[str, int, Path, str]] = {}
+    for name, host in sorted(links.items()):
+        seconds = every(host)
+        path, text = dropin_path(unit_dir, host), dropin_text(host, seconds)
+        if _read_dropin(path) != text:
+            changed[name] = (host, seconds, path, text)
+    pending = {n: (c[0], c[1]) for n, c in changed.items() if n not in new}
+    held: list[str] = []
+    rescheduled = list(pending)
+    if pending and run is not None:
+        rescheduled, held = _reschedulable(run, pending, len(links))
+    for name in sorted(new & set(changed)) + rescheduled:
+        _write_dropin(changed[name][2], changed[name][3])
+    swept = _sweep_dropins(unit_dir, links)
+    if started or stopped or rescheduled or swept:
+        log.info("timers enabled: %d, disabled: %d, rescheduled: %d; schedules removed: %d",
+                 len(started), len(stopped), len(rescheduled), swept)
+    if held:
+        log.info("schedule of %d host(s) kept until a later sync: applied now, it would run "
+                 "them at once", len(held))
+    if run is None or not (started or stopped or rescheduled or swept):
+        return
+    steps: list[tuple[str, ...]] = [("daemon-reload",)]
+    if started and target_enabled(unit_dir):
+        steps.append(("start", "--no-block", TARGET))
+    elif started:
+        log.info("psprobe is paused (%s disabled): the %d new timer(s) start at `psprobe resume`",
+                 TARGET, len(started))
+    if stopped:
+        steps.append(("stop", "--no-block", *stopped))
+    _steps(run, steps)
+
+
+def _legacy_links(old: Path) -> list[str]:
+    """An older psprobe's timer links in ``old`` (timers.target.wants): symlinks named
+    psprobe-sync.timer or psprobe@<host>.timer, nothing else."""
+    try:
+        names = sorted(os.listdir(old))
+    except FileNotFoundError:
+        return []
+    found = []
+    for name in names:
+        if name != SYNC_TIMER:
+            if not (name.startswith(_PREFIX) and name.endswith(_SUFFIX)):
+                continue  # another package's, or the report timer: it stays wanted there
+            try:
+                _host_of(name)
+            except ValueError as e:
+                log.warning("leaving %s in %s: not a psprobe host timer (%s)", name, old, e)
+                continue
+        if os.path.islink(old / name):
+            found.append(name)
+    return found
+
+
+def migrate(unit_dir: Path, state_dir: str | Path, *, template_dir: Path = TEMPLATE_DIR,
+            systemctl: Systemctl | None = systemctl) -> int:
+    """Move an older psprobe's enablement under ``psprobe-timers.target``; idempotent.
+
+    Before the parent unit, psprobe linked psprobe@<host>.timer and
+    psprobe-sync.timer in timers.target.wants and kept a pause as
+    ``paused.json`` in ``state_dir``.  Each such link is renamed into
+    psprobe-timers.target.wants (its timer keeps running); the target is
+    enabled first, unless the marker says psprobe was paused: then it stays
+    disabled, which is the pause now (it survives a reboot, which the marker
+    alone did not).  The marker goes.  When links moved: one ``daemon-reload``
+    and, not paused, one ``start --no-block`` of the target, which leaves
+    running timers as they are.  Returns how many links moved; a second call
+    moves none and calls nothing.  Another package's links, the report timer's
+    and names that are no psprobe host timer stay where they are.
+    """
+    unit_dir = Path(unit_dir)
+    old = unit_dir / PARENT_WANTS
+    marker = Path(state_dir) / LEGACY_MARKER
+    was_paused = os.path.lexists(marker)
+    names = _legacy_links(old)
+    if names:
+        if not was_paused:  # enabled before any link leaves: an interrupted run resumes alike
+            _link(old, TARGET, Path(template_dir) / TARGET)
+        _make_dir(unit_dir / WANTS)
+        for name in names:
+            if os.path.lexists(unit_dir / WANTS / name):
+                (old / name).unlink()  # a sync of this version already linked it
+            else:
+                os.rename(old / name, unit_dir / WANTS / name)
+        log.info("moved %d timer link(s) from %s to %s%s", len(names), old, unit_dir / WANTS,
+                 "; psprobe stays paused (psprobe resume)" if was_paused else "")
+    if was_paused:
+        with contextlib.suppress(FileNotFoundError):
+            marker.unlink()
+    if not names or systemctl is None:
+        return len(names)
+    steps: list[tuple[str, ...]] = [("daemon-reload",)]
+    if target_enabled(unit_dir):
+        steps.append(("start", "--no-block", TARGET))
+    _steps(systemctl, steps)
+    return len(names)
 
 
 _SPAN_UNITS = {
@@ -414,34 +533,3 @@ def _timestamp(text: str) -> float | None:
         except ValueError:
             return None
     return None
-
-
-def next_elapse(hosts: Iterable[str]) -> dict[str, float | None]:
-    """When each host's timer fires next (epoch seconds), None when unknown.
-
-    Best effort, for ``psprobe status``: one ``systemctl show`` for all hosts;
-    every host maps to None where systemd is not running.
-    """
-    hosts = list(hosts)
-    result: dict[str, float | None] = dict.fromkeys(hosts)
-    if not hosts:
-        return result
-    names = {timer_name(h): h for h in hosts}
-    cp = systemctl(
-        "show", "-p", "Id", "-p", "NextElapseUSecRealtime", "-p", "NextElapseUSecMonotonic",
-        *names,
-    )  # fmt: skip
-    if cp.returncode != 0:
-        return result
-    # Monotonic elapse times count from boot (CLOCK_MONOTONIC, like time.monotonic()).
-    boot = time.time() - time.monotonic()
-    for block in cp.stdout.split("\n\n"):
-        props = dict(line.split("=", 1) for line in block.splitlines() if "=" in line)
-        host = names.get(props.get("Id", ""))
-        if host is None:
-            continue
-        real = _timestamp(props.get("NextElapseUSecRealtime", ""))
-        mono = _timespan(props.get("NextElapseUSecMonotonic", ""))
-        when = [t for t in (real, None if mono is None else boot + mono) if t is not None]
-        result[host] = min(when) if when else None
-    return result

@@ -70,7 +70,7 @@ textfile_dir =
 
         psprobe(conf, "sync", "--dry-run")
         psprobe(conf, "sync", "--no-systemctl")
-        links = sorted(p.name for p in (work / "systemd" / "timers.target.wants").iterdir())
+        links = sorted(p.name for p in (work / "systemd" / "psprobe-timers.target.wants").iterdir())
         print("enabled timers:", ", ".join(links))
         status = 0
         for h in hosts:

@@ -1,4 +1,4 @@
-"""pause / resume (systemctl recorded), the pause marker holding timer-started runs, and logs."""
+"""pause / resume (systemctl recorded: systemd itself is tests/system's), and logs."""
 
 from __future__ import annotations
 
@@ -34,59 +34,60 @@ def world(tmp_path: Path):
     return conf, config.load(str(conf))
 
 
-def test_pause_writes_the_marker_then_stops_every_timer(tmp_path):
+def test_pause_and_resume_are_the_parent_units_state(tmp_path):
+    """One unit: every timer is PartOf= psprobe-timers.target, nothing is kept beside it."""
     _, cfg = world(tmp_path)
     sc = Systemctl()
-    stopped = control.pause(cfg.collect.state_dir, cfg.mesh.unit_dir, systemctl=sc, now=123.0)
-    assert sc.calls == [("stop", "--no-block", "psprobe-sync.timer", "psprobe@a.example.timer",
-                         units.timer_name("b.example:8443"))]
-    assert stopped == list(sc.calls[0][2:])
-    marker = json.loads((Path(cfg.collect.state_dir) / "paused.json").read_text())
-    assert marker["time"] == 123.0 and marker["force"] is False and marker["by"]
-    assert control.paused(cfg.collect.state_dir) == marker
+    assert control.pause(systemctl=sc) == [units.TARGET]
+    assert sc.calls == [("disable", "--now", "psprobe-timers.target")]
     sc = Systemctl()
-    control.pause(cfg.collect.state_dir, cfg.mesh.unit_dir, force=True, systemctl=sc)
-    assert sc.calls[1] == ("stop", "psprobe@*.service")
-
-
-def test_resume_starts_what_sync_keeps(tmp_path):
-    _, cfg = world(tmp_path)
-    control.pause(cfg.collect.state_dir, cfg.mesh.unit_dir, systemctl=Systemctl())
+    control.pause(force=True, systemctl=sc)
+    assert sc.calls == [("disable", "--now", "psprobe-timers.target"), ("stop", "psprobe@*.service")]
     sc = Systemctl()
-    started = control.resume(cfg.collect.state_dir, cfg.mesh.unit_dir, systemctl=sc)
-    assert sc.calls == [("is-enabled", "--quiet", "psprobe-sync.timer"),
-                        ("start", "--no-block", *started)]
-    assert started == ["psprobe-sync.timer", "psprobe@a.example.timer", units.timer_name("b.example:8443")]
-    assert control.paused(cfg.collect.state_dir) is None
-    # a sync timer the operator left disabled stays off
-    sc = Systemctl(is_enabled=1)
-    started = control.resume(cfg.collect.state_dir, cfg.mesh.unit_dir, systemctl=sc)
-    assert "psprobe-sync.timer" not in started and len(started) == 2
+    assert control.resume(systemctl=sc) == [units.TARGET]
+    assert sc.calls == [("enable", "--now", "psprobe-timers.target")]
+    assert not list(Path(cfg.collect.state_dir).rglob("paused*"))  # nothing kept beside it
 
 
 def test_systemctl_refusal_is_an_error_line(tmp_path, monkeypatch):
     conf, _ = world(tmp_path)
-    monkeypatch.setattr(units, "systemctl", Systemctl(stop=1))
+    monkeypatch.setattr(units, "systemctl", Systemctl(disable=1))
     r = cli_runner().invoke(main, ["--config", str(conf), "pause"])
-    assert r.exit_code == 1 and "pause: systemctl stop: boom" in r.output
+    assert r.exit_code == 1 and "pause: systemctl disable: boom" in r.output
     monkeypatch.setattr(units, "systemctl", Systemctl())
+    r = cli_runner().invoke(main, ["--config", str(conf), "pause", "-f"])
+    assert r.exit_code == 0 and "with the sync timer and 2 host timers and the running" in r.output
     r = cli_runner().invoke(main, ["--config", str(conf), "resume"])
-    assert r.exit_code == 0 and "resumed: started 3 timers" in r.output
+    assert r.exit_code == 0 and "resumed: psprobe-timers.target enabled and started" in r.output
 
 
-def test_a_timer_started_collect_or_sync_does_nothing_while_paused(tmp_path, monkeypatch):
+def test_a_timer_started_collect_is_not_held_back_by_anything_of_psprobe(tmp_path):
+    """No marker, no INVOCATION_ID check: while paused systemd starts no run at all, and
+    a run started by hand or by a unit is a run (here: no broker, so it fails)."""
+    conf, _ = world(tmp_path)
+    r = cli_runner().invoke(main, ["--config", str(conf), "collect", "a.example"],
+                            env={"INVOCATION_ID": "0123abcd"})
+    assert "paused" not in r.output and r.exit_code != 0
+
+
+def test_migrate_units_moves_an_old_pause_into_the_parents_state(tmp_path):
+    """What the package's %posttrans runs; here no systemd reads the unit dir: files only."""
     conf, cfg = world(tmp_path)
-    control.pause(cfg.collect.state_dir, cfg.mesh.unit_dir, systemctl=Systemctl())
-    env = {"INVOCATION_ID": "0123abcd"}
-    r = cli_runner().invoke(main, ["--config", str(conf), "collect", "a.example"], env=env)
-    assert r.exit_code == 0 and "collect a.example: psprobe is paused" in r.output
-    r = cli_runner().invoke(main, ["--config", str(conf), "sync"], env=env)
-    assert r.exit_code == 0 and "sync: psprobe is paused" in r.output
-    assert not (Path(cfg.collect.state_dir) / "sync.json").exists()
-    # by hand it runs (here: fails to reach the broker of the prepared config), with a warning
-    monkeypatch.delenv("INVOCATION_ID", raising=False)
-    r = cli_runner().invoke(main, ["--config", str(conf), "collect", "a.example"])
-    assert "running anyway" in r.output and r.exit_code != 0
+    udir, sd = Path(cfg.mesh.unit_dir), Path(cfg.collect.state_dir)
+    # The older layout: every link in timers.target.wants, the pause a marker file.
+    os.rename(udir / units.WANTS, udir / units.PARENT_WANTS)
+    os.symlink("/usr/lib/systemd/system/psprobe-sync.timer",
+               udir / units.PARENT_WANTS / units.SYNC_TIMER)
+    (sd / "paused.json").write_text('{"time": 1, "by": "op", "force": false}')
+    r = cli_runner().invoke(main, ["--config", str(conf), "migrate-units"])
+    assert r.exit_code == 0 and "3 timer link(s) now under psprobe-timers.target" in r.output
+    assert sorted(os.listdir(udir / units.WANTS)) == sorted(
+        [units.SYNC_TIMER, units.timer_name("a.example"), units.timer_name("b.example:8443")])
+    assert os.listdir(udir / units.PARENT_WANTS) == [] and not (sd / "paused.json").exists()
+    r = cli_runner().invoke(main, ["--config", str(conf), "status"])
+    assert r.stdout.startswith("PAUSED: psprobe-timers.target is disabled")
+    r = cli_runner().invoke(main, ["--config", str(conf), "migrate-units"])
+    assert r.exit_code == 0 and "now under" not in r.output
 
 
 def test_logs_validates_the_host_and_runs_journalctl(tmp_path):
@@ -136,7 +137,7 @@ def test_logs_finds_the_one_host_of_that_name_whatever_its_port(tmp_path):
     assert rec.read_text().splitlines() == ["-u", unit, "-n", "5"]
     # two ports of one name: which one is not guessed
     rec.unlink()
-    units.apply(Path(config.load(str(conf)).mesh.unit_dir), ["b.example:9443"], [], systemctl=False)
+    units.apply(Path(config.load(str(conf)).mesh.unit_dir), ["b.example:9443"], [], systemctl=None)
     r = cli_runner().invoke(main, ["--config", str(conf), "logs", "b.example"], env=env)
     assert r.exit_code == 2 and not rec.exists()
     lines = [ln for ln in r.output.splitlines() if ln.strip()]

@@ -200,12 +200,19 @@ def test_requires_el_runtime_packages(built):
 def test_scriptlets_carry_the_el9_systemd_macros(built):
     scripts = run("rpm", "-qp", "--scripts", built.rpm).stdout
     assert "%" not in scripts.replace("%%", ""), "an unexpanded macro is left:\n" + scripts
-    assert f"{HELPER} install-system-units psprobe-sync.timer psprobe-report.timer" in scripts
+    assert (f"{HELPER} install-system-units psprobe-sync.timer psprobe-timers.target "
+            "psprobe-report.timer") in scripts
     assert (f"{HELPER} remove-system-units psprobe-sync.timer psprobe-sync.service "
-            "psprobe-report.timer psprobe-report.service") in scripts
+            "psprobe-timers.target psprobe-report.timer psprobe-report.service") in scripts
     assert f"{HELPER} mark-restart-system-units psprobe-sync.timer psprobe-report.timer" \
         in scripts
-    assert "psprobe@" not in qf(built.rpm, "%{POSTUN}"), "per-host timers must not restart"
+    postun = qf(built.rpm, "%{POSTUN}")
+    assert "psprobe@" not in postun, "per-host timers must not restart"
+    # Nor their parent: a restart of psprobe-timers.target restarts every timer PartOf= it.
+    marks = [ln for ln in postun.splitlines() if "mark-restart-system-units" in ln]
+    assert marks and not [ln for ln in marks if "psprobe-timers.target" in ln], postun
+    # An older psprobe's links move under the parent, after the old package's scriptlets.
+    assert "/usr/bin/psprobe migrate-units" in qf(built.rpm, "%{POSTTRANS}")
 
 
 # --- running the scriptlets -------------------------------------------------------------
@@ -222,9 +229,12 @@ for f in /usr/lib/systemd/systemd-update-helper /run/fakebin/systemctl; do
 done
 : >/run/calls
 cd /etc/systemd/system
-mkdir timers.target.wants multi-user.target.wants psprobe@.timer.d
+mkdir timers.target.wants psprobe-timers.target.wants multi-user.target.wants psprobe@.timer.d
 for t in 'psprobe@a-b.example.org.timer' 'psprobe@ps.example.net:8085.timer' \
-         'psprobe@\x5b--1\x5d.timer' psprobe-sync.timer other.timer; do
+         'psprobe@\x5b--1\x5d.timer' psprobe-sync.timer; do
+    ln -s "/usr/lib/systemd/system/$t" "psprobe-timers.target.wants/$t"
+done
+for t in psprobe-timers.target other.timer; do
     ln -s "/usr/lib/systemd/system/$t" "timers.target.wants/$t"
 done
 ln -s /usr/lib/systemd/system/other.service 'multi-user.target.wants/psprobe@x.service'
@@ -251,20 +261,26 @@ def run_scriptlet(script: str, arg: int) -> tuple[set[str], list[str]]:
 
 
 ALL_LINKS = {
-    "timers.target.wants/psprobe@a-b.example.org.timer",
-    "timers.target.wants/psprobe@ps.example.net:8085.timer",
-    r"timers.target.wants/psprobe@\x5b--1\x5d.timer",
+    "psprobe-timers.target.wants/psprobe@a-b.example.org.timer",
+    "psprobe-timers.target.wants/psprobe@ps.example.net:8085.timer",
+    r"psprobe-timers.target.wants/psprobe@\x5b--1\x5d.timer",
+    "psprobe-timers.target.wants/psprobe-sync.timer",
+    "timers.target.wants/psprobe-timers.target",
 }
 
 
 def test_erase_stops_and_unlinks_every_per_host_timer(built):
     left, calls = run_scriptlet(qf(built.rpm, "%{PREUN}"), 0)
     # Sync goes first, so it cannot re-enable a host while the others are removed.
+    # Then their parent, which stops every host timer with it (PartOf=).
     assert calls[0] == ("systemd-update-helper remove-system-units psprobe-sync.timer "
-                        "psprobe-sync.service psprobe-report.timer psprobe-report.service")
+                        "psprobe-sync.service psprobe-timers.target psprobe-report.timer "
+                        "psprobe-report.service")
     assert "systemctl stop psprobe@*.timer psprobe@*.service psprobe.slice" in calls
     assert "systemctl reset-failed psprobe@* psprobe-*" in calls
-    assert not {p for p in left if "psprobe@" in p and "wants/" in p}, left
+    # One directory held sync's links: it is gone. (The target's own link in
+    # timers.target.wants is systemctl disable's, which the recorder here does not do.)
+    assert not {p for p in left if p.startswith("psprobe-timers.target.wants")}, left
     # What is not sync's is left alone: other units, the operator's drop-in.
     assert {"timers.target.wants/other.timer", "psprobe@.timer.d/interval.conf"} <= left
 
@@ -282,7 +298,7 @@ def test_upgrade_keeps_per_host_timers_running_and_enabled(built):
 def test_install_applies_the_preset_only_on_first_install(built):
     _, calls = run_scriptlet(qf(built.rpm, "%{POSTIN}"), 1)
     assert calls == ["systemd-update-helper install-system-units psprobe-sync.timer "
-                     "psprobe-report.timer"]
+                     "psprobe-timers.target psprobe-report.timer"]
     _, calls = run_scriptlet(qf(built.rpm, "%{POSTIN}"), 2)
     assert calls == []
     _, calls = run_scriptlet(qf(built.rpm, "%{POSTUN}"), 0)
@@ -298,8 +314,11 @@ def extract(pkg: Path, dest: Path) -> Path:
 
 
 def enabled(root: Path) -> set[str]:
-    wants = root / "etc/systemd/system/timers.target.wants"
-    return {p.name for p in wants.iterdir()} if wants.is_dir() else set()
+    found = set()
+    for d in ("timers.target.wants", "psprobe-timers.target.wants"):
+        wants = root / "etc/systemd/system" / d
+        found |= {p.name for p in wants.iterdir()} if wants.is_dir() else set()
+    return found
 
 
 def test_preset_leaves_collection_off(built, tmp_path):
@@ -307,7 +326,7 @@ def test_preset_leaves_collection_off(built, tmp_path):
     file the same command would enable the timers, so the file is what keeps them off."""
     if shutil.which("systemctl") is None or shutil.which("rpm2cpio") is None:
         pytest.skip("needs systemctl and rpm2cpio")
-    timers = ["psprobe-sync.timer", "psprobe-report.timer"]
+    timers = ["psprobe-sync.timer", "psprobe-timers.target", "psprobe-report.timer"]
     root = extract(built.rpm, tmp_path / "root")
     run("systemctl", f"--root={root}", "preset", *timers)
     assert enabled(root) == set()

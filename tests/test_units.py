@@ -1,5 +1,5 @@
-"""psprobe.units: the enablement symlinks sync writes, the schedule drop-ins beside them,
-and its systemctl calls."""
+"""psprobe.units: the enablement symlinks sync writes under psprobe-timers.target, the
+schedule drop-ins beside them, its systemctl calls, and the move from an older layout."""
 
 from __future__ import annotations
 
@@ -22,30 +22,45 @@ HOSTS = ["a-b.example.org", "ps.example.net:8085", "10.1.2.3"]
 
 
 def wants(unit_dir: Path) -> Path:
-    return unit_dir / units.TIMER_WANTS
+    return unit_dir / units.WANTS
 
 
 def name(host: str) -> str:
     return f"psprobe@{hostnames.unit_instance(host)}.timer"
 
 
+class Systemctl(list):
+    """A stand-in for systemctl, passed in where units takes one: records each call
+    (the list is the calls), answers ``rc`` with ``stderr``, and ``show`` with ``out``."""
+
+    def __init__(self, rc: int = 0, stderr: str = "", out: str = "") -> None:
+        super().__init__()
+        self.rc, self.stderr, self.out = rc, stderr, out
+
+    def __call__(self, *args: str, **kw) -> subprocess.CompletedProcess:
+        self.append(args)
+        return subprocess.CompletedProcess(["systemctl", *args], self.rc,
+                                           self.out if args[0] == "show" else "", self.stderr)
+
+
+def enable_target(unit_dir: Path) -> None:
+    """What `systemctl enable psprobe-sync.timer` (Also=) or `psprobe resume` leaves."""
+    d = unit_dir / units.PARENT_WANTS
+    d.mkdir(parents=True, exist_ok=True)
+    os.symlink(TEMPLATES / units.TARGET, d / units.TARGET)
+
+
 @pytest.fixture
-def calls(monkeypatch):
-    """Record systemctl invocations instead of running them."""
-    seen: list[tuple[str, ...]] = []
-
-    def fake(*args: str) -> subprocess.CompletedProcess:
-        seen.append(args)
-        return subprocess.CompletedProcess(["systemctl", *args], 0, "", "")
-
-    monkeypatch.setattr(units, "systemctl", fake)
-    return seen
+def calls(tmp_path):
+    """systemctl calls recorded instead of made, on an unit_dir where psprobe is not paused."""
+    enable_target(tmp_path)
+    return Systemctl()
 
 
 def test_apply_makes_what_systemctl_enable_makes(tmp_path):
     old = os.umask(0o077)
     try:
-        units.apply(tmp_path, HOSTS, [], systemctl=False)
+        units.apply(tmp_path, HOSTS, [], systemctl=None)
     finally:
         os.umask(old)
     w = wants(tmp_path)
@@ -57,7 +72,7 @@ def test_apply_makes_what_systemctl_enable_makes(tmp_path):
 
 
 def test_instance_round_trips_through_the_link_name(tmp_path):
-    units.apply(tmp_path, HOSTS, [], systemctl=False)
+    units.apply(tmp_path, HOSTS, [], systemctl=None)
     for entry in os.listdir(wants(tmp_path)):
         instance = entry[len("psprobe@") : -len(".timer")]
         assert hostnames.from_instance(instance) in HOSTS
@@ -68,38 +83,59 @@ def test_remove_touches_only_psprobe_links_of_removed_hosts(tmp_path):
     w.mkdir()
     os.symlink("/usr/lib/systemd/system/fstrim.timer", w / "fstrim.timer")
     (tmp_path / "other.service").write_text("[Service]\n")
-    units.apply(tmp_path, HOSTS, [], systemctl=False)
-    units.apply(tmp_path, [], [HOSTS[0], "never.example.org"], systemctl=False)
+    units.apply(tmp_path, HOSTS, [], systemctl=None)
+    units.apply(tmp_path, [], [HOSTS[0], "never.example.org"], systemctl=None)
     assert units.enabled_hosts(tmp_path) == set(HOSTS[1:])
     assert (w / "fstrim.timer").is_symlink()
     # The removed host's schedule went with its link; the others' stay beside theirs.
     assert sorted(os.listdir(tmp_path)) == sorted(
-        ["other.service", units.TIMER_WANTS, *(f"{name(h)}.d" for h in HOSTS[1:])])
+        ["other.service", units.WANTS, *(f"{name(h)}.d" for h in HOSTS[1:])])
     assert not [e for e in os.listdir(w) if e.endswith(".tmp")]
 
 
 def test_systemctl_runs_once_per_step_and_only_on_change(tmp_path, calls):
-    # New timers get their drop-in before the reload and are started after it, like any.
-    units.apply(tmp_path, HOSTS[:2], [], template_dir=Path("/t"))
-    assert calls == [
-        ("daemon-reload",),
-        ("start", "--no-block", *sorted(name(h) for h in HOSTS[:2])),
-    ]
+    # New timers get their drop-in before the reload; starting their parent starts them
+    # (tests/system: an active target started again starts the timers it newly wants).
+    units.apply(tmp_path, HOSTS[:2], [], template_dir=Path("/t"), systemctl=calls)
+    assert calls == [("daemon-reload",), ("start", "--no-block", units.TARGET)]
     calls.clear()
-    units.apply(tmp_path, HOSTS[:2], [], template_dir=Path("/t"))
+    units.apply(tmp_path, HOSTS[:2], [], template_dir=Path("/t"), systemctl=calls)
     assert calls == []  # nothing changed: no reload
-    units.apply(tmp_path, HOSTS[1:], [HOSTS[0]], template_dir=Path("/t"))
+    units.apply(tmp_path, HOSTS[1:], [HOSTS[0]], template_dir=Path("/t"), systemctl=calls)
     assert calls == [
         ("daemon-reload",),
-        ("start", "--no-block", name(HOSTS[2])),
+        ("start", "--no-block", units.TARGET),
         ("stop", "--no-block", name(HOSTS[0])),
     ]
     assert os.readlink(wants(tmp_path) / name(HOSTS[1])) == "/t/psprobe@.timer"
 
 
+def test_a_thousand_new_hosts_are_two_systemctl_calls(tmp_path, calls):
+    hosts = [f"ps{i:04d}.example.org" for i in range(1000)]
+    units.apply(tmp_path, hosts, [], systemctl=calls)
+    assert calls == [("daemon-reload",), ("start", "--no-block", units.TARGET)]
+    assert units.enabled_hosts(tmp_path) == set(hosts)
+
+
+def test_while_paused_sync_links_and_reloads_but_starts_nothing(tmp_path, caplog):
+    sc = Systemctl()
+    os.makedirs(wants(tmp_path))
+    os.symlink(TEMPLATES / units.SYNC_TIMER, wants(tmp_path) / units.SYNC_TIMER)
+    assert units.paused(tmp_path)  # the sync timer enabled under a disabled target
+    with caplog.at_level(logging.INFO, logger="psprobe"):
+        units.apply(tmp_path, HOSTS[:2], [], systemctl=sc)
+    assert sc == [("daemon-reload",)]
+    assert "paused" in caplog.text and "start at `psprobe resume`" in caplog.text
+    assert units.enabled_hosts(tmp_path) == set(HOSTS[:2])
+    units.apply(tmp_path, [], HOSTS[:1], systemctl=sc)  # removal stops, paused or not
+    assert sc[1:] == [("daemon-reload",), ("stop", "--no-block", name(HOSTS[0]))]
+    enable_target(tmp_path)
+    assert not units.paused(tmp_path)
+
+
 def test_systemctl_false_never_calls(tmp_path, calls):
-    units.apply(tmp_path, HOSTS, [], systemctl=False)
-    units.apply(tmp_path, [], HOSTS, systemctl=False)
+    units.apply(tmp_path, HOSTS, [], systemctl=None)
+    units.apply(tmp_path, [], HOSTS, systemctl=None)
     assert calls == []
     assert units.enabled_hosts(tmp_path) == set()
 
@@ -108,21 +144,16 @@ def test_link_to_another_target_is_repointed(tmp_path, calls):
     w = wants(tmp_path)
     w.mkdir()
     os.symlink("/old/place/psprobe@.timer", w / name(HOSTS[0]))
-    units.apply(tmp_path, [HOSTS[0]], [])
+    units.apply(tmp_path, [HOSTS[0]], [], systemctl=calls)
     assert os.readlink(w / name(HOSTS[0])) == str(TEMPLATES / "psprobe@.timer")
     assert calls[0] == ("daemon-reload",)
 
 
-def test_failed_reload_raises_and_starts_nothing(tmp_path, monkeypatch):
-    seen = []
-
-    def fake(*args):
-        seen.append(args)
-        return subprocess.CompletedProcess(args, 1, "", "Access denied")
-
-    monkeypatch.setattr(units, "systemctl", fake)
+def test_failed_reload_raises_and_starts_nothing(tmp_path):
+    enable_target(tmp_path)
+    seen = Systemctl(rc=1, stderr="Access denied")
     with pytest.raises(units.UnitsError, match="daemon-reload: Access denied"):
-        units.apply(tmp_path, HOSTS, [])
+        units.apply(tmp_path, HOSTS, [], systemctl=seen)
     assert seen == [("daemon-reload",)]
     assert units.enabled_hosts(tmp_path) == set(HOSTS)  # enablement stays: next boot starts them
 
@@ -132,7 +163,7 @@ def test_foreign_psprobe_entry_is_ignored_and_logged(tmp_path, caplog):
     w.mkdir()
     os.symlink("/x", w / "psprobe@.timer")  # the bare template: not a host
     os.symlink("/x", w / "psprobe-sync.timer")
-    units.apply(tmp_path, HOSTS[:1], [], systemctl=False)
+    units.apply(tmp_path, HOSTS[:1], [], systemctl=None)
     with caplog.at_level(logging.WARNING, logger="psprobe"):
         assert units.enabled_hosts(tmp_path) == {HOSTS[0]}
     assert "psprobe@.timer" in caplog.text
@@ -147,33 +178,6 @@ def test_systemctl_missing_answers_127(monkeypatch, tmp_path):
     monkeypatch.setenv("PATH", str(tmp_path))
     cp = units.systemctl("daemon-reload")
     assert cp.returncode == 127
-    assert units.next_elapse(HOSTS) == dict.fromkeys(HOSTS)
-
-
-# What systemd 252 printed for `systemctl show -p Id -p NextElapseUSecRealtime
-# -p NextElapseUSecMonotonic` of a monotonic timer, a calendar one and an unknown one.
-SHOW = """NextElapseUSecRealtime=
-NextElapseUSecMonotonic=3h 12min 21.877061s
-Id={0}
-
-NextElapseUSecRealtime=Mon 2026-11-30 07:28:20 UTC
-NextElapseUSecMonotonic=0
-Id={1}
-
-NextElapseUSecRealtime=
-NextElapseUSecMonotonic=infinity
-Id={2}
-"""
-
-
-def test_next_elapse_parses_both_clocks(monkeypatch):
-    out = SHOW.format(*(name(h) for h in HOSTS))
-    monkeypatch.setattr(units, "systemctl", lambda *a: subprocess.CompletedProcess(a, 0, out, ""))
-    got = units.next_elapse(HOSTS)
-    boot = time.time() - time.monotonic()
-    assert got[HOSTS[0]] == pytest.approx(boot + 3 * 3600 + 12 * 60 + 21.877061, abs=1)
-    assert got[HOSTS[1]] == 1796023700.0  # 2026-11-30 07:28:20 UTC
-    assert got[HOSTS[2]] is None
 
 
 @pytest.mark.parametrize(
@@ -260,7 +264,7 @@ def test_calendar_refuses_an_interval_that_would_drift(interval):
 def test_each_link_gets_its_dropin_private_to_root(tmp_path):
     old = os.umask(0o007)  # psprobe-sync.service's UMask, with Group=psprobe
     try:
-        units.apply(tmp_path, HOSTS, [], systemctl=False)
+        units.apply(tmp_path, HOSTS, [], systemctl=None)
     finally:
         os.umask(old)
     for h in HOSTS:
@@ -278,11 +282,11 @@ def test_each_link_gets_its_dropin_private_to_root(tmp_path):
 
 
 def test_dropin_written_only_when_its_content_changes(tmp_path, calls):
-    units.apply(tmp_path, HOSTS, [])
+    units.apply(tmp_path, HOSTS, [], systemctl=calls)
     calls.clear()
     before = {h: units.dropin_path(tmp_path, h).stat() for h in HOSTS}
-    units.apply(tmp_path, HOSTS, [])
-    units.apply(tmp_path, [], [])
+    units.apply(tmp_path, HOSTS, [], systemctl=calls)
+    units.apply(tmp_path, [], [], systemctl=calls)
     assert calls == []  # nothing changed: no reload
     for h in HOSTS:
         st = units.dropin_path(tmp_path, h).stat()
@@ -290,7 +294,7 @@ def test_dropin_written_only_when_its_content_changes(tmp_path, calls):
 
     # A new interval for one host: only its drop-in; systemd is asked whether its timer
     # runs and when it last fired (see test_a_new_schedule_never_fires_many_at_once).
-    units.apply(tmp_path, [], [], interval=lambda h: 300 if h == HOSTS[1] else 600)
+    units.apply(tmp_path, [], [], interval=lambda h: 300 if h == HOSTS[1] else 600, systemctl=calls)
     assert calls == [(*SHOW_STATE, name(HOSTS[1])), ("daemon-reload",)]
     assert units.dropin_path(tmp_path, HOSTS[1]).read_text() == units.dropin_text(HOSTS[1], 300)
     for h in (HOSTS[0], HOSTS[2]):
@@ -298,13 +302,13 @@ def test_dropin_written_only_when_its_content_changes(tmp_path, calls):
 
 
 def test_new_timers_start_and_rescheduled_ones_reload_with_the_one_reload(tmp_path, calls):
-    units.apply(tmp_path, HOSTS[:2], [])
+    units.apply(tmp_path, HOSTS[:2], [], systemctl=calls)
     calls.clear()
-    units.apply(tmp_path, HOSTS[1:], [HOSTS[0]], interval=900)
+    units.apply(tmp_path, HOSTS[1:], [HOSTS[0]], interval=900, systemctl=calls)
     assert calls == [
         (*SHOW_STATE, name(HOSTS[1])),  # running already: reloaded with its new drop-in
         ("daemon-reload",),
-        ("start", "--no-block", name(HOSTS[2])),
+        ("start", "--no-block", units.TARGET),
         ("stop", "--no-block", name(HOSTS[0])),
     ]
     for h in HOSTS[1:]:
@@ -312,30 +316,30 @@ def test_new_timers_start_and_rescheduled_ones_reload_with_the_one_reload(tmp_pa
 
 
 def test_dropin_goes_with_its_host_and_leaves_the_operators_files(tmp_path, calls):
-    units.apply(tmp_path, HOSTS, [])
+    units.apply(tmp_path, HOSTS, [], systemctl=calls)
     mine = units.dropin_path(tmp_path, HOSTS[0])
     theirs = mine.parent / "override.conf"  # systemctl edit psprobe@HOST.timer
     theirs.write_text("[Timer]\nAccuracySec=1s\n")
-    units.apply(tmp_path, [], HOSTS[:2])
+    units.apply(tmp_path, [], HOSTS[:2], systemctl=calls)
     assert not mine.exists() and theirs.exists()
     assert not units.dropin_path(tmp_path, HOSTS[1]).parent.exists()
     assert units.dropin_path(tmp_path, HOSTS[2]).exists()
 
 
 def test_hand_made_links_get_a_dropin_and_hand_removed_ones_lose_it(tmp_path, calls):
-    units.apply(tmp_path, HOSTS[:1], [])
+    units.apply(tmp_path, HOSTS[:1], [], systemctl=calls)
     w = wants(tmp_path)
     # `systemctl enable psprobe@X.timer` by hand, and `systemctl disable` of a synced one
     os.symlink(TEMPLATES / "psprobe@.timer", w / name(HOSTS[1]))
     (w / name(HOSTS[0])).unlink()
     calls.clear()
-    units.apply(tmp_path, [], [])
+    units.apply(tmp_path, [], [], systemctl=calls)
     assert units.dropin_path(tmp_path, HOSTS[1]).read_text() == units.dropin_text(HOSTS[1], 600)
     assert not units.dropin_path(tmp_path, HOSTS[0]).parent.exists()
     # The hand-enabled timer ran on the template's schedule: rescheduled like any.
     assert calls == [(*SHOW_STATE, name(HOSTS[1])), ("daemon-reload",)]
     calls.clear()
-    units.apply(tmp_path, [], [])
+    units.apply(tmp_path, [], [], systemctl=calls)
     assert calls == []
 
 
@@ -345,11 +349,12 @@ def test_template_dropins_are_never_touched(tmp_path, calls):
     (tdir / "10-phase.conf").write_text("[Timer]\n")  # the operator's, whatever its name
     (tmp_path / "other@x.timer.d").mkdir()
     (tmp_path / "other@x.timer.d" / "10-phase.conf").write_text("[Timer]\n")
-    units.apply(tmp_path, HOSTS, [])
-    units.apply(tmp_path, [], HOSTS)
+    units.apply(tmp_path, HOSTS, [], systemctl=calls)
+    units.apply(tmp_path, [], HOSTS, systemctl=calls)
     assert (tdir / "10-phase.conf").exists()
     assert (tmp_path / "other@x.timer.d" / "10-phase.conf").exists()
-    assert sorted(os.listdir(tmp_path)) == ["other@x.timer.d", "psprobe@.timer.d", units.TIMER_WANTS]
+    assert sorted(os.listdir(tmp_path)) == sorted(["other@x.timer.d", "psprobe@.timer.d",
+                                                   units.WANTS, units.PARENT_WANTS])
 
 
 def test_sync_writes_each_hosts_interval_from_the_configuration(tmp_path, calls):
@@ -379,12 +384,12 @@ def _stamp(t: float) -> str:
     return time.strftime("%a %Y-%m-%d %H:%M:%S UTC", time.gmtime(t))
 
 
-def test_a_new_schedule_never_fires_many_at_once(tmp_path, monkeypatch, caplog):
+def test_a_new_schedule_never_fires_many_at_once(tmp_path, caplog):
     """A running timer reloaded with a new calendar fires at once for a time of it passed
     since its last run (tests/system/test_reload.py).  Such timers get the new schedule
     at most 1 in 20 hosts per sync; those whose next time is ahead get it at once."""
     hosts = [f"ps{i:02d}.example.org" for i in range(60)]
-    units.apply(tmp_path, hosts, [], systemctl=False)
+    units.apply(tmp_path, hosts, [], systemctl=None)
     now = time.time()
     ahead = [h for h in hosts if units.next_time(h, 300, now - 1) > now + 30][:20]
     behind = [h for h in hosts if h not in ahead][:30]
@@ -398,16 +403,9 @@ def test_a_new_schedule_never_fires_many_at_once(tmp_path, monkeypatch, caplog):
         last = now - 1 if h in ahead else now - 400  # 400 s ago: a 300 s slot passed since
         blocks.append(f"Id={name(h)}\nActiveState=active\nLastTriggerUSec={_stamp(last)}\n"
                       f"InactiveExitTimestamp={_stamp(now - 9000)}\n")
-    seen = []
-
-    def fake(*args):
-        seen.append(args)
-        out = "\n".join(blocks) if args[0] == "show" else ""
-        return subprocess.CompletedProcess(args, 0, out, "")
-
-    monkeypatch.setattr(units, "systemctl", fake)
+    seen = Systemctl(out="\n".join(blocks))
     with caplog.at_level(logging.INFO, logger="psprobe"):
-        units.apply(tmp_path, [], [], interval=300)
+        units.apply(tmp_path, [], [], interval=300, systemctl=seen)
     assert [a[0] for a in seen] == ["show", "daemon-reload"]
     new = {h for h in hosts if units.dropin_path(tmp_path, h).read_text() == units.dropin_text(h, 300)}
     assert set(ahead) | set(stopped) <= new
@@ -417,13 +415,116 @@ def test_a_new_schedule_never_fires_many_at_once(tmp_path, monkeypatch, caplog):
     assert "schedule of 27 host(s) kept until a later sync" in caplog.text
     # The next sync, the same answers: 3 more; never more at once.
     seen.clear()
-    units.apply(tmp_path, [], [], interval=300)
+    units.apply(tmp_path, [], [], interval=300, systemctl=seen)
     assert len({h for h in behind
                 if units.dropin_path(tmp_path, h).read_text() == units.dropin_text(h, 300)}) == 6
 
 
 def test_without_systemd_every_schedule_is_written(tmp_path, calls):
-    units.apply(tmp_path, HOSTS, [], systemctl=False)
-    units.apply(tmp_path, [], [], interval=60, systemctl=False)
+    units.apply(tmp_path, HOSTS, [], systemctl=None)
+    units.apply(tmp_path, [], [], interval=60, systemctl=None)
     assert calls == []
     assert all(units.dropin_path(tmp_path, h).read_text() == units.dropin_text(h, 60) for h in HOSTS)
+
+
+# --- the move from an older psprobe: links in timers.target.wants, pause in paused.json
+
+
+def legacy(unit_dir: Path, hosts=HOSTS, *, sync: bool = True) -> Path:
+    """What a psprobe before psprobe-timers.target left in ``unit_dir``, with another
+    package's timer, the report timer (it stays wanted by timers.target) and hostile names."""
+    old = unit_dir / units.PARENT_WANTS
+    old.mkdir(parents=True)
+    for h in hosts:
+        os.symlink(TEMPLATES / "psprobe@.timer", old / name(h))
+    if sync:
+        os.symlink(TEMPLATES / units.SYNC_TIMER, old / units.SYNC_TIMER)
+    for other in ("fstrim.timer", "psprobe-report.timer", "psprobe@.timer", "psprobe@-rf.timer",
+                  "psprobe@a b.timer", r"psprobe@x\x2f..\x2fetc.timer"):
+        os.symlink(f"/usr/lib/systemd/system/{other}", old / other)
+    (old / "psprobe@plain.example.org.timer").write_text("not a link\n")
+    return old
+
+
+NOT_OURS = ["fstrim.timer", "psprobe-report.timer", "psprobe@.timer", "psprobe@-rf.timer",
+            "psprobe@a b.timer", r"psprobe@x\x2f..\x2fetc.timer", "psprobe@plain.example.org.timer"]
+
+
+def test_migrate_moves_the_links_under_the_enabled_target_once(tmp_path, caplog):
+    udir, sd = tmp_path / "units", tmp_path / "state"
+    old = legacy(udir)
+    # Before the move the old links count as enabled: a sync's plan sees them.
+    assert units.enabled_hosts(udir) == set(HOSTS)
+    sc = Systemctl()
+    with caplog.at_level(logging.WARNING, logger="psprobe"):
+        assert units.migrate(udir, sd, systemctl=sc) == len(HOSTS) + 1
+    assert sc == [("daemon-reload",), ("start", "--no-block", units.TARGET)]
+    assert sorted(os.listdir(wants(udir))) == sorted([units.SYNC_TIMER, *map(name, HOSTS)])
+    for n in os.listdir(wants(udir)):  # renamed: each still points where it pointed
+        assert os.readlink(wants(udir) / n) == str(TEMPLATES / ("psprobe@.timer" if "@" in n else n))
+    assert os.readlink(old / units.TARGET) == str(TEMPLATES / units.TARGET)
+    assert units.target_enabled(udir) and not units.paused(udir)
+    # Another package's links, the report timer's, and whatever is no host timer stay.
+    assert sorted(os.listdir(old)) == sorted([*NOT_OURS, units.TARGET])
+    assert "psprobe@-rf.timer" in caplog.text
+    assert units.enabled_hosts(udir) == set(HOSTS)
+    # Idempotent: nothing left to move, nothing to call.
+    sc.clear()
+    assert units.migrate(udir, sd, systemctl=sc) == 0
+    assert sc == []
+    assert sorted(os.listdir(old)) == sorted([*NOT_OURS, units.TARGET])
+
+
+def test_migrate_keeps_a_pause_as_the_disabled_target_and_drops_the_marker(tmp_path):
+    udir, sd = tmp_path / "units", tmp_path / "state"
+    legacy(udir)
+    sd.mkdir()
+    (sd / "paused.json").write_text('{"time": 1, "by": "op", "force": false}')
+    sc = Systemctl()
+    assert units.migrate(udir, sd, systemctl=sc) == len(HOSTS) + 1
+    assert sc == [("daemon-reload",)]  # nothing started: still paused
+    assert not (sd / "paused.json").exists()
+    assert not units.target_enabled(udir) and units.paused(udir)
+    assert units.enabled_hosts(udir) == set(HOSTS)
+    assert units.migrate(udir, sd, systemctl=sc) == 0 and sc == [("daemon-reload",)]
+
+
+def test_migrate_resumes_an_interrupted_move_and_leaves_a_fresh_install_alone(tmp_path):
+    udir, sd = tmp_path / "units", tmp_path / "state"
+    old = legacy(udir, sync=False)
+    # Interrupted after the target was enabled and one link moved; another linked anew by
+    # a sync of this version meanwhile (both places: the new one stays).
+    enable_target(udir)
+    wants(udir).mkdir()
+    os.rename(old / name(HOSTS[0]), wants(udir) / name(HOSTS[0]))
+    os.symlink(TEMPLATES / "psprobe@.timer", wants(udir) / name(HOSTS[1]))
+    assert units.migrate(udir, sd, systemctl=None) == 2
+    assert sorted(os.listdir(wants(udir))) == sorted(map(name, HOSTS))
+    assert not any(n.startswith("psprobe@") and n in map(name, HOSTS) for n in os.listdir(old))
+    # No sync timer link: psprobe was never turned on by it, and nothing says paused.
+    assert not units.paused(udir)
+    fresh = tmp_path / "fresh"
+    assert units.migrate(fresh, sd, systemctl=Systemctl()) == 0
+    assert not fresh.exists()
+
+
+def test_sync_migrates_first_and_then_plans_on_the_new_links(tmp_path):
+    udir = tmp_path / "units"
+    legacy(udir, HOSTS[:2])
+    conf = write_config(tmp_path / "p.conf", {"collect": {"state_dir": tmp_path / "state"},
+                                              "mesh": {"unit_dir": udir}})
+    cfg = config.load(str(conf))
+    enabled = units.enabled_hosts(udir)
+    plan = msync.Plan({h: {"read_url": f"https://{h}/", "meshes": ["static"]} for h in HOSTS[1:]},
+                      added=sorted(set(HOSTS[1:]) - enabled), removed=sorted(enabled - set(HOSTS[1:])),
+                      kept=sorted(enabled & set(HOSTS[1:])))
+    assert plan.added == [HOSTS[2]] and plan.removed == [HOSTS[0]]
+    sc = Systemctl()
+    msync.apply(cfg, plan, udir, now=time.time(), systemctl=sc)
+    assert sc == [("daemon-reload",), ("start", "--no-block", units.TARGET),  # the move
+                  (*SHOW_STATE, name(HOSTS[1])),  # kept, running, its first drop-in
+                  ("daemon-reload",), ("start", "--no-block", units.TARGET),
+                  ("stop", "--no-block", name(HOSTS[0]))]
+    assert units.enabled_hosts(udir) == set(HOSTS[1:])
+    assert sorted(os.listdir(wants(udir))) == sorted([units.SYNC_TIMER, *map(name, HOSTS[1:])])
+    assert name(HOSTS[0]) not in os.listdir(udir / units.PARENT_WANTS)

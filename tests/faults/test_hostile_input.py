@@ -59,7 +59,7 @@ def test_hostile_host_names_in_a_mesh(meshlab, figures):
                  "--no-systemctl")
     assert real.returncode == 0, real.stderr
     new = _tree(lab.tmp) - before
-    wants = "root/units/timers.target.wants"
+    wants = "root/units/psprobe-timers.target.wants"
     phase = f"root/units/psprobe@{GOOD}.timer.d"  # the good host's schedule drop-in
     allowed = (wants, phase, "state/", "metrics/")
     assert all(p.startswith(allowed) or p in ("root/units", "state") for p in new), sorted(new)

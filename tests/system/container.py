@@ -257,6 +257,15 @@ class Container:
 
         return wait_until("container boot", state, timeout, interval=0.2)
 
+    def reboot(self, timeout: float = 90) -> str:
+        """Power off cleanly, then boot the same root again: a fresh systemd reading the
+        unit files and links left on disk, as after a reboot.  Returns the boot state."""
+        with contextlib.suppress(subprocess.TimeoutExpired, OSError):
+            self.run(["systemctl", "poweroff", "--no-block"], timeout=15)
+        self.proc.wait(timeout)
+        _launch(self, timeout)
+        return self.wait_booted(timeout)
+
     def console_tail(self, lines: int = 30) -> str:
         try:
             return "\n".join(self.console.read_text(errors="replace").splitlines()[-lines:])
@@ -296,38 +305,47 @@ def _reap() -> None:
             c.shutdown(timeout=20)
 
 
+def _launch(c: Container, timeout: float) -> None:
+    """Start nspawn on ``c.root`` and wait for its systemd to be PID 1 of the container."""
+    with open(c.console, "ab") as out:
+        c.proc = subprocess.Popen(
+            [*NSPAWN, "-D", str(c.root)],
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            preexec_fn=lambda: _join_cgroups(c.cgroups),
+        )
+    proc = c.proc
+
+    def leader() -> int:
+        if proc.poll() is not None:
+            raise RuntimeError(f"nspawn exited {proc.returncode}: {c.console_tail()}")
+        return next((p for p in _children(proc.pid) if _is_systemd(p)), 0)
+
+    c.leader = wait_until("container init", leader, timeout)
+
+
 def boot(base: Path, timeout: float = 90) -> Container:
     """Boot a copy-on-write copy of ``base``; returns once systemd reports the boot done."""
     tmp = os.environ.get("PSPROBE_TEST_TMP", "/var/tmp")
     workdir = Path(tempfile.mkdtemp(prefix="psprobe-ct.", dir=tmp))
     root = workdir / "root"
     subprocess.run(["cp", "-a", "--reflink=auto", str(base), str(root)], check=True)
-    console = workdir / "console.log"
     cgroups = _own_cgroups(workdir.name)
     t0 = time.monotonic()
-    with open(console, "wb") as out:
-        proc = subprocess.Popen(
-            [*NSPAWN, "-D", str(root)],
-            stdin=subprocess.DEVNULL,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-            preexec_fn=lambda: _join_cgroups(cgroups),
-        )
-    c = Container(workdir=workdir, root=root, proc=proc, console=console, cgroups=cgroups)
+    c = Container(workdir=workdir, root=root, proc=None,  # type: ignore[arg-type]
+                  console=workdir / "console.log", cgroups=cgroups)
     _RUNNING.add(c)
     try:
-
-        def leader() -> int:
-            if proc.poll() is not None:
-                raise RuntimeError(f"nspawn exited {proc.returncode}: {c.console_tail()}")
-            return next((p for p in _children(proc.pid) if _is_systemd(p)), 0)
-
-        c.leader = wait_until("container init", leader, timeout)
+        _launch(c, timeout)
         c.wait_booted(timeout)
         c.boot_seconds = time.monotonic() - t0
     except BaseException:
-        c.shutdown(timeout=20)
+        if c.proc is not None:
+            c.shutdown(timeout=20)
+        else:
+            _RUNNING.discard(c)
         raise
     return c
 

@@ -47,7 +47,7 @@ OnUnitInactiveSec=1h
 RandomizedDelaySec=0
 """
 SYNC_DROPIN = "/etc/systemd/system/psprobe-sync.service.d/zz-first-week.conf"
-WANTS = "/etc/systemd/system/timers.target.wants"
+WANTS = "/etc/systemd/system/psprobe-timers.target.wants"
 
 
 def timer(host: str) -> str:

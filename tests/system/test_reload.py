@@ -172,13 +172,16 @@ def world(container: Container) -> Iterator[World]:
         w.slow = [f"{n}:{sim.port}" for n in slow]
         w.configure(INTERVAL_CONF, "2min")
         w.set_mesh(names[:HOSTS] + slow)
+        # psprobe on, without its sync timer (the test runs each sync): the parent enabled.
+        c.systemctl("enable", units.TARGET, check=True)
         w.synced = w.sync()  # the hosts' timers start: each first run at its phase
         yield w
     finally:
+        c.systemctl("disable", units.TARGET)
         c.run("systemctl stop 'psprobe@*.timer' 'psprobe@*.service'")
         # Whatever a failed test left enabled: sync's links and drop-ins of these hosts.
         units.apply(c.path("/etc/systemd/system"), [],
-                    [f"{n}:{sim.port}" for n in names + slow], systemctl=False)
+                    [f"{n}:{sim.port}" for n in names + slow], systemctl=None)
         c.run(["rm", "-f", EDITOR, *EDITED])
         c.run("rmdir /etc/systemd/system/psprobe@.service.d /etc/systemd/system/psprobe@.timer.d"
               " 2>/dev/null; systemctl daemon-reload; systemctl reset-failed 'psprobe@*'")
@@ -326,6 +329,6 @@ def test_a_host_that_leaves_loses_its_dropin(world):
     world.sync()
     t = units.timer_name(gone)
     assert not c.path(f"/etc/systemd/system/{t}.d").exists()
-    assert not c.path(f"/etc/systemd/system/timers.target.wants/{t}").exists()
+    assert not c.path(f"/etc/systemd/system/{units.WANTS}/{t}").exists()
     assert c.systemctl("show", "-p", "ActiveState", t).stdout.strip() == "ActiveState=inactive"
     assert c.path(f"/etc/systemd/system/{world.timers()[1]}.d/10-phase.conf").exists()

@@ -99,22 +99,32 @@ def run_scriptlet(c: Container, pkg: Path, tag: str, arg: int) -> None:
     assert cp.returncode == 0, f"%{tag} ({arg}) failed: {cp.stdout}{cp.stderr}"
 
 
+def posttrans(c: Container, pkg: Path) -> None:
+    """%posttrans, when ``pkg`` has one: after every other scriptlet of the transaction, before
+    the transaction file triggers (rpm's lib/transaction.c runs them in that order)."""
+    if scriptlet(pkg, "POSTTRANS") not in ("", "(none)"):
+        run_scriptlet(c, pkg, "POSTTRANS", 0)
+
+
 def install(c: Container, pkg: Path) -> None:
-    """rpm -i on EL9: %pre 1, payload, %post 1, file trigger (reload + restart marked)."""
+    """rpm -i on EL9: %pre 1, payload, %post 1, %posttrans, file trigger (reload + restart
+    marked)."""
     run_scriptlet(c, pkg, "PREIN", 1)
     host_rpm(c, "-i", "--nodeps", "--noscripts", "--notriggers", str(pkg))
     run_scriptlet(c, pkg, "POSTIN", 1)
+    posttrans(c, pkg)
     c.run(["/usr/lib/systemd/systemd-update-helper", "system-reload-restart"], check=True)
 
 
 def upgrade(c: Container, old: Path, new: Path) -> None:
     """rpm -U on EL9: new %pre 2, new payload, new %post 2, old %preun 1, old %postun 1,
-    then the file triggers."""
+    new %posttrans, then the file triggers."""
     run_scriptlet(c, new, "PREIN", 2)
     host_rpm(c, "-U", "--nodeps", "--noscripts", "--notriggers", str(new))
     run_scriptlet(c, new, "POSTIN", 2)
     run_scriptlet(c, old, "PREUN", 1)
     run_scriptlet(c, old, "POSTUN", 1)
+    posttrans(c, new)
     c.run(["/usr/lib/systemd/systemd-update-helper", "system-reload-restart"], check=True)
 
 
@@ -262,14 +272,15 @@ def test_install_creates_the_account_and_leaves_collection_off(world):
     st = c.run(["stat", "-c", "%a %U:%G", "/etc/psprobe/broker.secret", "/var/lib/psprobe"])
     assert st.stdout.split("\n")[:2] == ["640 root:psprobe", "770 psprobe:psprobe"]
     # The preset kept everything off.
-    for unit in ("psprobe-sync.timer", "psprobe-report.timer"):
+    for unit in ("psprobe-sync.timer", "psprobe-timers.target", "psprobe-report.timer"):
         assert world.show(unit, "UnitFileState", "ActiveState") == {
             "UnitFileState": "disabled",
             "ActiveState": "inactive",
         }, unit
     assert world.active_timers() == set()
     log = c.run(["cat", "/run/update-helper.log"]).stdout
-    assert "install-system-units psprobe-sync.timer psprobe-report.timer" in log
+    assert "install-system-units psprobe-sync.timer psprobe-timers.target psprobe-report.timer" \
+        in log
 
     # Debian's python3 does not read EL's site-packages: point it there (test only).
     (sitelib,) = [

@@ -246,7 +246,7 @@ def test_timers_started_together_fall_due_spread_out(container):
     # A timer that falls due while the test looks runs nothing (and leaves no state).
     noop = "/etc/systemd/system/psprobe@.service.d/zz-spread-noop.conf"
     c.write(noop, "[Service]\nExecStart=\nExecStart=/bin/true\n")
-    units.apply(udir, hosts, [], systemctl=False)
+    units.apply(udir, hosts, [], systemctl=None)
     try:
         c.systemctl("daemon-reload", check=True)
         t0 = time.time()
@@ -266,7 +266,7 @@ def test_timers_started_together_fall_due_spread_out(container):
         due = wait_until("every timer's next elapse", next_elapses, 15, interval=0.2)
     finally:
         c.systemctl("stop", *names)
-        units.apply(udir, [], hosts, systemctl=False)
+        units.apply(udir, [], hosts, systemctl=None)
         c.run(["rm", "-f", noop])
         c.run("rmdir /etc/systemd/system/psprobe@.service.d 2>/dev/null; systemctl daemon-reload;"
               " systemctl reset-failed 'psprobe@burst-*' 2>/dev/null")
@@ -294,14 +294,21 @@ def test_enabling_the_sync_timer_enables_one_timer_per_mesh_host(world):
     c.systemctl("enable", "--now", "psprobe-sync.timer", check=True)
     sync_timer = world.show("psprobe-sync.timer", "ActiveState", "UnitFileState")
     assert sync_timer == {"ActiveState": "active", "UnitFileState": "enabled"}
+    # Also= enabled the parent of every psprobe timer; --now started the sync timer only
+    # (the target is started by the first sync, which runs at once on a machine up for
+    # longer than OnBootSec: inactive or already active here, depending on that).
+    assert world.show(units.TARGET, "UnitFileState") == {"UnitFileState": "enabled"}
     # Its first elapse (2 min after boot) brought forward: start what it starts.
     world.sync()
     expected = {timer(h) for h in world.hosts.values()}
     assert world.listed_timers() == expected
-    wants = c.path("/etc/systemd/system/timers.target.wants")
-    assert {p.name for p in wants.iterdir() if p.name.startswith("psprobe@")} == expected
+    wants = c.path(f"/etc/systemd/system/{units.WANTS}")
+    assert {p.name for p in wants.iterdir()} == expected | {"psprobe-sync.timer"}
     for t in expected:
-        assert world.show(t, "ActiveState")["ActiveState"] == "active"
+        assert world.show(t, "ActiveState", "PartOf") == {"ActiveState": "active",
+                                                           "PartOf": units.TARGET}
+    # The sync started the target, which started the timers it wants.
+    assert world.show(units.TARGET, "ActiveState")["ActiveState"] == "active"
     assert "sync: ok hosts=4 added=4 removed=0" in c.journal("psprobe-sync.service")
 
 
@@ -364,26 +371,31 @@ def test_a_host_that_leaves_the_mesh_loses_its_timer_at_the_next_sync(world):
     world.sync()
     expected = {timer(h) for n, h in world.hosts.items() if n != LEFT}
     assert world.listed_timers() == expected
-    assert not world.c.path(f"/etc/systemd/system/timers.target.wants/{timer(gone)}").exists()
+    assert not world.c.path(f"/etc/systemd/system/{units.WANTS}/{timer(gone)}").exists()
     assert world.show(timer(gone), "ActiveState")["ActiveState"] == "inactive"
     assert f"sync: removed {gone}" in world.c.journal("psprobe-sync.service")
 
 
 def test_pause_resume_and_status_under_systemd(world):
-    """The operator's tools against the real systemd: timers stop and come back, NEXT is systemd's."""
+    """The operator's tools against the real systemd: timers stop and come back, NEXT is systemd's.
+
+    Pause is systemd's state of one unit (tests/system/test_upgrade.py: across a reboot too).
+    """
     c = world.c
     running = world.listed_timers()
     assert running
     assert c.run("psprobe pause").returncode == 0
     assert world.listed_timers() == set()
     assert world.show("psprobe-sync.timer", "ActiveState")["ActiveState"] == "inactive"
+    assert world.show(units.TARGET, "ActiveState", "UnitFileState") == {
+        "ActiveState": "inactive", "UnitFileState": "disabled"}
     st = json.loads(c.run("psprobe status --json").stdout)
-    assert st["paused"]
+    assert st["paused"] is True
     assert c.run("psprobe resume").returncode == 0
     assert world.listed_timers() == running
     assert world.show("psprobe-sync.timer", "ActiveState")["ActiveState"] == "active"
     st = json.loads(c.run("psprobe status --json").stdout)
-    assert not st["paused"]
+    assert st["paused"] is False
     nxt = {h["host"]: h["next_run"] for h in st["hosts"] if h["enabled"]}
     assert nxt and all(isinstance(v, (int, float)) for v in nxt.values()), nxt
 

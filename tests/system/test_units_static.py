@@ -45,6 +45,7 @@ def test_the_unit_set_is_complete():
         "psprobe-sync.timer",
         "psprobe-report.service",
         "psprobe-report.timer",
+        "psprobe-timers.target",
         "psprobe.slice",
     }
 
@@ -79,7 +80,6 @@ def test_host_timer_has_no_trigger_a_reload_resets():
     assert d.get("RandomizedDelaySec") and d["FixedRandomDelay"] == ["yes"]
     # The default 1min accuracy would coalesce the phases into one wake-up a minute.
     assert d["AccuracySec"] == ["1s"]
-    assert d["WantedBy"] == ["timers.target"]
 
 
 INTERVALS = [60, 300, 600, 900, 1800, 3600, 7200, 21600, 86400]
@@ -107,7 +107,7 @@ def test_a_timer_with_its_dropin_has_only_the_calendar(container):
     c = container
     host = "static.example.org"
     udir = c.path("/etc/systemd/system")
-    units.apply(udir, [host], [], systemctl=False)
+    units.apply(udir, [host], [], systemctl=None)
     timer = units.timer_name(host)
     try:
         c.systemctl("daemon-reload", check=True)
@@ -122,13 +122,26 @@ def test_a_timer_with_its_dropin_has_only_the_calendar(container):
         assert props["RandomizedDelayUSec"] == "0"
         assert f"/etc/systemd/system/{timer}.d/10-phase.conf" in props["DropInPaths"]
     finally:
-        units.apply(udir, [], [host], systemctl=False)
+        units.apply(udir, [], [host], systemctl=None)
         c.systemctl("daemon-reload")
 
 
 @pytest.mark.parametrize("unit", TIMERS, ids=lambda p: p.name)
-def test_every_timer_is_wanted_by_timers_target(unit):
-    assert directives(unit)["WantedBy"] == ["timers.target"]
+def test_every_timer_is_part_of_the_one_parent_but_the_reports(unit):
+    """Pause/resume is the parent's state (psprobe.control): every collection and sync timer
+    is wanted by it and PartOf= it; the weekly report is not paused with them."""
+    d = directives(unit)
+    if unit.name == "psprobe-report.timer":
+        assert d["WantedBy"] == ["timers.target"] and "PartOf" not in d
+        return
+    assert d["WantedBy"] == [units.TARGET] and d["PartOf"] == [units.TARGET]
+    if unit.name == "psprobe-sync.timer":
+        assert d["Also"] == [units.TARGET]  # enabling the sync timer turns psprobe on
+
+
+def test_the_parent_is_wanted_by_timers_target():
+    d = directives(UNITS / units.TARGET)
+    assert d["WantedBy"] == ["timers.target"]
 
 
 def test_verify_is_clean(container):
