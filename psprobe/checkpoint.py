@@ -1,16 +1,18 @@
-"""Per-host checkpoints and the per-host run lock.
+"""Per-host checkpoints: where each series of a host's archive was confirmed up to.
 
 A checkpoint maps each series (``<metadata-key>/<event-type>``) to the newest
 timestamp the broker has *confirmed*.  It only ever moves forward, and only
 after the confirm, so a run killed at any instant resends at most the window of
 messages it had published and not yet seen confirmed ([broker] confirm_window).
 
-Per confirmed message that is one line appended to ``checkpoint.journal``; the
-lines of each batch of confirms are flushed with one fdatasync.  At the end of
-a run the journal is folded into ``checkpoint.json``, written atomically (temp
-file, fsync, rename), and emptied.  Loading replays the journal over the
-snapshot; a line torn by a crash is ignored, and replaying twice is harmless
-because positions only move forward.
+Per confirmed message that is one line appended to ``checkpoint.journal``
+(:meth:`Checkpoint.advance`); the lines of each batch of confirms are flushed
+with one fdatasync (:meth:`Checkpoint.sync`).  Only at the end of a run (and
+when the archive's scheme changes) is the journal folded into
+``checkpoint.json``, written atomically (:meth:`Checkpoint.save`), and
+emptied.  Loading replays the journal over the snapshot; a line torn by a
+crash is ignored, and replaying twice is harmless because positions only
+move forward.
 
 At the end of each run a copy goes to ``checkpoint.prev.json``.  If the
 checkpoint is later found damaged (disk trouble, a hand edit), the copy is a
@@ -21,28 +23,22 @@ nothing and resends at most what was confirmed after the copy was taken.
 from __future__ import annotations
 
 import contextlib
-import fnmatch
-import json
 import logging
 import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from psprobe import state
 
 VERSION = 1
-COPY = "checkpoint.prev.json"
-JOURNAL = "checkpoint.journal"
 
 log = logging.getLogger("psprobe.checkpoint")
 
 
-StateError = state.StateError  # its home is psprobe.state (a refused link is one too)
-
-
-def _failed(path: object, what: str, e: OSError) -> StateError:
+def _failed(path: object, what: str, e: OSError) -> state.StateError:
     """The one line for an OSError on ``path``; a refused path (a link...) says so itself."""
-    return e if isinstance(e, state.Refused) else StateError(f"{path}: {what}: {e.strerror}")
+    return e if isinstance(e, state.Refused) else state.StateError(f"{path}: {what}: {e.strerror}")
 
 
 @dataclass
@@ -61,11 +57,19 @@ class Checkpoint:
     _unsynced: bool = field(default=False, repr=False, compare=False)
     _root: str | None = field(default=None, repr=False, compare=False)  # the state dir
 
+    @property
+    def journal(self) -> Path:
+        return self.path.with_name(state.JOURNAL)
+
     def _dir(self) -> int:
         """The host directory's fd: opened once, never through a link below the state dir."""
         if self._dirfd is None:
             self._dirfd = state.dir_fd(self.path, self._root)
         return self._dirfd
+
+    @property
+    def newest(self) -> int | None:
+        return newest(self.pairs)
 
     def get(self, pair: str) -> int | None:
         return self.pairs.get(pair)
@@ -83,12 +87,12 @@ class Checkpoint:
             try:
                 if self._journal is None:
                     self._journal = state.open_file(
-                        self._dir(), JOURNAL, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640,
-                        path=self.path.with_name(JOURNAL))
+                        self._dir(), state.JOURNAL, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640,
+                        path=self.journal)
                     self._sync_dir()  # the journal's name must survive a crash too
                 os.write(self._journal, line)
             except OSError as e:
-                raise _failed(self.path.with_name(JOURNAL), "cannot write checkpoint", e) from None
+                raise _failed(self.journal, "cannot write checkpoint", e) from None
             self._unsynced = True
 
     def seen(self, pair: str) -> tuple[int, frozenset[int]]:
@@ -127,20 +131,21 @@ class Checkpoint:
             try:
                 os.fdatasync(self._journal)
             except OSError as e:
-                raise StateError(f"{self.path.with_name(JOURNAL)}: cannot write checkpoint: "
-                                 f"{e.strerror}") from None
+                raise _failed(self.journal, "cannot write checkpoint", e) from None
             self._unsynced = False
 
     def _sync_dir(self) -> None:
         os.fsync(self._dir())
 
     def save(self, path: Path | None = None) -> None:
-        """Temp file, fsync, rename, fsync of the directory: old or new, never torn.
+        """Write the positions (by :func:`psprobe.state.write_at`, durably): old or new, never torn.
 
-        This runs after every confirmed message, so it is the lean form of
-        :func:`psprobe.state.write_json_atomic`: a fixed temp name (safe, the
-        host's lock is held; removed first, then created with O_EXCL) and raw os
-        calls relative to the host directory, none of them through a link.
+        Then the journal is emptied: the snapshot holds what it said.  Runs
+        when the archive's scheme changes and at the end of a run
+        (:meth:`keep_copy`), not per confirm (that is :meth:`advance`).  The
+        temp name is fixed (``.checkpoint.json.tmp``; a leftover is removed
+        first, never followed): the host's lock is held, so no other writer
+        can be using it, and a run killed any number of times leaves one.
         """
         path = path or self.path
         doc = {"version": VERSION, "scheme": self.scheme, "pairs": self.pairs}
@@ -149,28 +154,16 @@ class Checkpoint:
         if self.swept is not None:
             doc["swept"] = round(self.swept, 3)
             doc["recent"] = {p: _deltas(f, ts) for p, (f, ts) in self.recent.items()}
-        data = json.dumps(doc, separators=(",", ":"), sort_keys=True).encode()
-        tmp = f".{path.name}.tmp"
         try:
             d = self._dir()
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp, dir_fd=d)  # a killed run's (or a planted link: never followed)
-            fd = state.open_file(d, tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640,
-                                 path=path.with_name(tmp))
-            try:
-                os.write(fd, data)
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            state.replace_at(d, tmp, path.name, path=path)
-            self._sync_dir()
+            state.write_at(d, path.name, state.dumps(doc), 0o640, path=path, fixed_temp=True)
             if path == self.path:  # the snapshot now holds what the journal said
                 if self._journal is not None:
                     os.ftruncate(self._journal, 0)
                     os.fsync(self._journal)
                 else:
                     try:
-                        jfd = state.open_file(d, JOURNAL, os.O_WRONLY, path=path.with_name(JOURNAL))
+                        jfd = state.open_file(d, state.JOURNAL, os.O_WRONLY, path=self.journal)
                     except FileNotFoundError:
                         return
                     try:
@@ -201,8 +194,7 @@ class Checkpoint:
         except OSError as e:
             raise _failed(self.path.parent, "cannot read", e) from None
         for name in sorted(names):
-            if not (fnmatch.fnmatchcase(name, ".checkpoint*.tmp")
-                    or fnmatch.fnmatchcase(name, ".history.json.*.tmp")):
+            if not any(state.is_temp(name, of) for of in (state.CHECKPOINT, state.COPY, state.HISTORY)):
                 continue
             try:
                 os.unlink(name, dir_fd=d)  # a link is removed itself, never followed
@@ -218,7 +210,7 @@ class Checkpoint:
         """End of a run: fold the journal into the file, and copy it aside as the fallback."""
         if self.pairs:
             self.save()
-            self.save(self.path.with_name(COPY))
+            self.save(self.path.with_name(state.COPY))
 
 
 def _parse(path: Path, dfd: int) -> Checkpoint | None:
@@ -272,7 +264,7 @@ def load(state_dir: str, host: str) -> Checkpoint:
     (:data:`psprobe.state.HOST_FILES`) stops the run here, before it touches
     anything (:func:`psprobe.state.check_host_files`: one line naming it).
     """
-    path = state.host_dir(state_dir, host) / "checkpoint.json"
+    path = state.host_file(state_dir, host, state.CHECKPOINT)
     try:
         dfd = state.host_dir_fd(state_dir, host)
     except FileNotFoundError:
@@ -289,11 +281,46 @@ def load(state_dir: str, host: str) -> Checkpoint:
         raise
 
 
+def retire_if_moved(state_dir: str, host: str) -> bool:
+    """Forget the host's positions when sync found another shard collecting it.
+
+    Called under the host's lock before a collect loads its checkpoint.  While
+    the host was collected elsewhere its positions here went stale: resuming
+    from them would resend everything that machine sent since (as far back as
+    the archive keeps).  Starting afresh costs one first-run look-back instead,
+    the same as on the machine the host moved to.  True when it retired them.
+    """
+    try:
+        rec = state.read_json(state.host_file(state_dir, host, state.MOVED), root=state_dir)
+    except ValueError:
+        rec = {}  # unreadable: still a marker
+    if rec is None:
+        return False
+    dfd = state.host_dir_fd(state_dir, host)
+    try:
+        for name in (state.CHECKPOINT, state.JOURNAL, state.COPY, state.MOVED):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(name, dir_fd=dfd)  # a link is removed itself, never followed
+        os.fsync(dfd)
+    except OSError as e:
+        raise _failed(state.host_dir(state_dir, host), "cannot retire a moved host's checkpoint",
+                      e) from None
+    finally:
+        os.close(dfd)
+    since = rec.get("time") if isinstance(rec, dict) else None
+    log.warning("%s: collected by shard %s since %s, so its checkpoint here was stale: "
+                "starting again from [collect] first_run_lookback", host,
+                rec.get("shard", "?") if isinstance(rec, dict) else "?",
+                time.strftime("%Y-%m-%dT%H:%MZ", time.gmtime(since)) if isinstance(since, (int, float))
+                else "an unknown time")
+    return True
+
+
 def _replay(cp: Checkpoint) -> Checkpoint:
     """Apply the journal's confirmed positions (appended since the snapshot) to ``cp``."""
-    journal = cp.path.with_name(JOURNAL)
+    journal = cp.journal
     try:
-        raw = state.read_at(cp._dir(), JOURNAL, path=journal)
+        raw = state.read_at(cp._dir(), state.JOURNAL, path=journal)
     except OSError as e:
         raise _failed(journal, "cannot read checkpoint", e) from None
     if raw is None:
@@ -320,27 +347,26 @@ def _snapshot(path: Path, dfd: int) -> Checkpoint:
     except ValueError as e:
         damage = str(e)
     try:
-        copy = _parse(path.with_name(COPY), dfd)
+        copy = _parse(path.with_name(state.COPY), dfd)
     except (OSError, ValueError):
         copy = None
     if copy is None:
-        raise StateError(f"{damage}; no usable {COPY} either: move it aside to start from "
-                         "[collect] first_run_lookback") from None
+        raise state.StateError(f"{damage}; no usable {state.COPY} either: move it aside to start "
+                               "from [collect] first_run_lookback") from None
     try:
-        state.replace_at(dfd, path.name, path.name + ".damaged",
-                         path=path.with_name(path.name + ".damaged"))
+        state.replace_at(dfd, path.name, state.DAMAGED, path=path.with_name(state.DAMAGED))
     except OSError as e:
         if isinstance(e, state.Refused):
             raise
-        raise StateError(f"{damage}; cannot move it aside: {e.strerror}") from None
-    log.warning("%s; resuming from %s (the end of the last run), kept the damaged file as "
-                "%s.damaged", damage, COPY, path.name)
+        raise state.StateError(f"{damage}; cannot move it aside: {e.strerror}") from None
+    log.warning("%s; resuming from %s (the end of the last run), kept the damaged file as %s",
+                damage, state.COPY, state.DAMAGED)
     return Checkpoint(path, copy.pairs, copy.scheme, copy.recent, copy.swept, copy.routed)
 
 
 def peek(state_dir: str, host: str) -> dict[str, int]:
     """The confirmed positions, read only (for status): no fallback, no renaming."""
-    path = state.host_dir(state_dir, host) / "checkpoint.json"
+    path = state.host_file(state_dir, host, state.CHECKPOINT)
     try:
         dfd = state.host_dir_fd(state_dir, host)
     except OSError:
@@ -349,7 +375,12 @@ def peek(state_dir: str, host: str) -> dict[str, int]:
         cp = _parse(path, dfd) or Checkpoint(path)
         cp._dirfd = dfd
         return _replay(cp).pairs
-    except (OSError, ValueError, StateError):
+    except (OSError, ValueError, state.StateError):
         return {}
     finally:
         os.close(dfd)
+
+
+def newest(pairs: dict[str, int]) -> int | None:
+    """The newest confirmed point over all series: what a host's lag is measured from."""
+    return max(pairs.values(), default=None)

@@ -17,6 +17,7 @@ neither a failure nor a success, and no run in the totals.
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any
 
 from psprobe import state
@@ -28,8 +29,8 @@ MAX_RUNS = 5000
 TOTALS = ("runs", "failures", "points", "messages")
 
 
-def path(state_dir: str, host: str):
-    return state.host_dir(state_dir, host) / "history.json"
+def path(state_dir: str, host: str) -> Path:
+    return state.host_file(state_dir, host, state.HISTORY)
 
 
 def load_doc(state_dir: str, host: str) -> dict[str, Any]:
@@ -62,6 +63,17 @@ def load(state_dir: str, host: str) -> list[dict[str, Any]]:
 def is_regular(run: dict[str, Any]) -> bool:
     """A scheduled collect (not a backfill, not a skip): what status and lag are about."""
     return run.get("kind", "collect") == "collect"
+
+
+def newest(runs: list[dict[str, Any]]) -> int | None:
+    """The newest point the broker confirmed, as the last regular run that knew it recorded it.
+
+    Each run records its checkpoint's newest position (``"newest"``); status
+    and metrics read it here, so a backfill (which moves no checkpoint) or a
+    run that recorded none never hides an older answer.
+    """
+    return next((r["newest"] for r in reversed(runs)
+                 if is_regular(r) and r.get("newest") is not None), None)
 
 
 def is_backfill(run: dict[str, Any]) -> bool:

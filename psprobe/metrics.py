@@ -19,7 +19,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from psprobe import exits, hostnames, state
+from psprobe import exits, history, hostnames, state
 
 log = logging.getLogger("psprobe.metrics")
 
@@ -88,7 +88,7 @@ def render(metrics: dict[str, tuple[str, str]], values: Iterable[tuple[str, dict
 def host_values(host: str, doc: dict[str, Any]) -> list[tuple[str, dict[str, str], float]]:
     """Samples of one host from its history file (see :func:`psprobe.history.load_doc`)."""
     lab = {"host": host}
-    regular = [r for r in doc.get("runs", []) if r.get("kind", "collect") == "collect"]
+    regular = [r for r in doc.get("runs", []) if history.is_regular(r)]
     t = doc.get("totals", {})
     vals: list[tuple[str, dict[str, str], float]] = []
     if regular:
@@ -101,7 +101,7 @@ def host_values(host: str, doc: dict[str, Any]) -> list[tuple[str, dict[str, str
         ]
     if doc.get("last_success") is not None:
         vals.append(("psprobe_collect_last_success_timestamp_seconds", lab, doc["last_success"]))
-    newest = next((r["newest"] for r in reversed(regular) if r.get("newest") is not None), None)
+    newest = history.newest(regular)
     if newest is not None:
         vals.append(("psprobe_collect_newest_point_timestamp_seconds", lab, newest))
         vals.append(("psprobe_collect_lag_seconds", lab,
@@ -127,17 +127,19 @@ def unroutable(run: dict[str, Any]) -> dict[str, int]:
             if isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool) and v > 0}
 
 
-def write_atomic(directory: str, name: str, text: str) -> bool:
+def _write(directory: str, name: str, text: str) -> bool:
     """Replace ``directory/name``; False (with a warning) when that is not possible.
 
-    By :func:`psprobe.state.write_atomic`: the temp name ``.<name>.<random>.tmp``
-    does not end in .prom (node_exporter ignores it), and neither it nor the
-    file is ever written through a link (the directory is the operator's).
+    By :func:`psprobe.state.write_atomic`, not durable (the next run rewrites
+    the file).  Its temp name ``.<name>.<random>.tmp`` does not end in .prom
+    (node_exporter ignores it), and neither it nor the file is written
+    through a link (the directory is the operator's).
     """
     d = Path(directory)
     try:
-        state.write_atomic(d / name, text.encode(), 0o644, durable=False)
-    except (OSError, state.StateError) as e:
+        state.write_atomic(d / name, text.encode(), durable=False)
+        return True
+    except OSError as e:
         if isinstance(e, FileNotFoundError) and not d.is_dir():
             # The default is node_exporter's directory: on a machine without it, every run
             # would warn about a choice nobody made.
@@ -145,19 +147,16 @@ def write_atomic(directory: str, name: str, text: str) -> bool:
 
             level = logging.DEBUG if str(d) == Metrics().textfile_dir else logging.WARNING
             log.log(level, "[metrics] textfile_dir %s does not exist: metrics not written", d)
-        elif isinstance(e, OSError) and not isinstance(e, state.Refused):
-            log.warning("%s: cannot write metrics: %s", d / name, e.strerror or e)
         else:
-            log.warning("%s; metrics not written", e)
+            log.warning("%s: %s; metrics not written", e.filename, e.strerror)
         return False
-    return True
 
 
 def write_host(directory: str, host: str, doc: dict[str, Any]) -> bool:
     """After a collect or backfill: rewrite the host's file (no-op when metrics are off)."""
     if not directory:
         return False
-    return write_atomic(directory, host_file(host), render(HOST_METRICS, host_values(host, doc)))
+    return _write(directory, host_file(host), render(HOST_METRICS, host_values(host, doc)))
 
 
 def remove_hosts(directory: str, hosts: Iterable[str]) -> None:
@@ -180,4 +179,4 @@ def write_sync(directory: str, rec: dict[str, Any]) -> bool:
     ]
     if rec.get("last_success") is not None:
         vals.append(("psprobe_sync_last_success_timestamp_seconds", {}, rec["last_success"]))
-    return write_atomic(directory, SYNC_FILE, render(SYNC_METRICS, vals))
+    return _write(directory, SYNC_FILE, render(SYNC_METRICS, vals))

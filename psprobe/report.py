@@ -24,7 +24,6 @@ from psprobe.config import Config
 
 log = logging.getLogger("psprobe.report")
 
-FORMATS = ("text", "html", "json")
 WORST_LAGS = 10
 
 
@@ -63,6 +62,7 @@ class Report:
     backfills: int = 0
     backfill_points: int = 0
     counts: dict[str, int] = field(default_factory=dict)  # health -> hosts now
+    shard: str | None = None  # [mesh] shard: which shard this machine is (status.shard_line)
 
     @property
     def runs(self) -> int:
@@ -128,7 +128,8 @@ def build(cfg: Config, since: float, *, now: float | None = None) -> Report:
                   lag_alarm=cfg.report.lag_alarm, hosts=lines,
                   by_type=dict(sorted(by_type.items(), key=lambda kv: (-kv[1], kv[0]))),
                   added=added, removed=removed, backfills=backfills,
-                  backfill_points=backfill_points, counts=ov.counts())
+                  backfill_points=backfill_points, counts=ov.counts(),
+                  shard=status.shard_line(ov) if ov.shard else None)
 
 
 # --- rendering
@@ -176,6 +177,7 @@ def _intro(rep: Report) -> list[str]:
     now_parts = ", ".join(f"{c[k]} {k}" for k in status.HEALTH_ORDER if c.get(k))
     lines = [
         f"psprobe on {rep.collector}, {_utc(rep.since)} to {_utc(rep.until)}",
+        *([f"This machine is {rep.shard}"] if rep.shard else []),
         f"Hosts: {len(rep.hosts)} known, {len(rep.collected)} collected in the period; "
         f"now {now_parts or 'none'}",
         f"Runs: {rep.runs}, {rep.ok} ok ({_rate(rep.ok / rep.runs if rep.runs else None)}); "

@@ -7,27 +7,28 @@ for its whole run, so at most N archives are read at once; the others wait,
 blocked in flock, before they import anything heavy (``bin/psprobe`` calls
 :func:`early` first: a waiting process is ~3 MB instead of ~25 MB).  The kernel
 drops a lock when its process dies, so a killed run can never leak a slot.
-Slot files are never opened through a link (``O_NOFOLLOW``, as psprobe.state
-does for the state files); ``runtime_dir`` itself is the operator's choice.
+Slot files are opened and locked by psprobe.state's :func:`~psprobe.state.open_file`
+(never through a link) and :func:`~psprobe.state.flock`; ``runtime_dir``
+itself is the operator's choice.
 
 Before any slot or state file is touched, a collect or backfill started as root
 becomes the owner of ``[collect] state_dir`` (:func:`drop_to_owner`): an
 operator testing a host by hand must not leave root-owned files that every
 later timer run (user psprobe) fails on.
 
-This module must stay cheap to import: os, fcntl, signal, configparser (no
-dataclasses, no random: they would add ~2 MB to every waiting process).
+This module must stay cheap to import: os, signal, configparser and psprobe.state
+(no dataclasses, no random: they would add ~2 MB to every waiting process).
 """
 
 from __future__ import annotations
 
 import configparser
-import errno
-import fcntl
 import os
 import signal
 import sys
 import time
+
+from psprobe import state
 
 # Same as psprobe.config.DEFAULT_PATH (a test checks): importing config costs ~2 MB.
 DEFAULT_CONFIG = "/etc/psprobe/psprobe.conf"
@@ -69,26 +70,21 @@ def _on_alarm(signum: int, frame: object) -> None:
 
 
 def _open(path: str) -> int:
-    """The slot file, never through a link (psprobe.state's rule; importing it costs too much)."""
-    try:
-        return os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o660)
-    except OSError as e:
-        if e.errno == errno.ELOOP:
-            raise OSError(errno.ELOOP, "refusing to follow a symbolic link", path) from None
-        raise
+    """The slot file, never through a link."""
+    return state.open_file(None, path, os.O_RDWR | os.O_CREAT, 0o660, path=path)
 
 
 def _try(path: str) -> int | None:
     """The fd of ``path`` locked, or None when another process holds it."""
     fd = _open(path)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as e:
+        if state.flock(fd):
+            return fd
+    except BaseException:
         os.close(fd)
-        if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-            return None
         raise
-    return fd
+    os.close(fd)
+    return None
 
 
 def acquire(runtime_dir: str, n: int, *, tick: float = TICK) -> Slot | None:
@@ -121,7 +117,7 @@ def acquire(runtime_dir: str, n: int, *, tick: float = TICK) -> Slot | None:
             continue
         try:
             signal.setitimer(signal.ITIMER_REAL, tick * (0.5 + _rand(1000) / 1000))
-            fcntl.flock(fd, fcntl.LOCK_EX)
+            state.flock(fd, wait=True)
             signal.setitimer(signal.ITIMER_REAL, 0)
         except _Tick:
             # The alarm may have come just after flock returned: closing the fd
@@ -156,10 +152,6 @@ def hold(runtime_dir: str, n: int) -> Slot | None:
     if _held is not None and _held.waited >= 1.0:
         _say(6, f"collect: waited {_held.waited:.1f}s for a run slot "
                 f"([collect] max_concurrent = {n})")
-    return _held
-
-
-def held() -> Slot | None:
     return _held
 
 

@@ -1,15 +1,22 @@
-"""Where psprobe keeps its state, and the one way it opens, writes and reads it.
+"""Where psprobe keeps its state, and the one way it opens, writes, reads and locks it.
 
-Everything lives under ``state_dir`` (``/var/lib/psprobe``)::
+Everything lives under ``state_dir`` (``/var/lib/psprobe``), and every name
+below it is spelled here, nowhere else (the constants and path functions
+below)::
 
     hosts/<host>/target.json      written by sync: read URL and the meshes naming it
     hosts/<host>/checkpoint.json  written by collect: newest confirmed ts per pair
     hosts/<host>/checkpoint.journal  confirmed positions appended during a run
     hosts/<host>/checkpoint.prev.json  collect's copy of the end of its last run
+    hosts/<host>/checkpoint.json.damaged  a damaged checkpoint, moved aside for the operator
     hosts/<host>/history.json     written by collect: rolling record of runs
     hosts/<host>/lock             flock(2) held for a run; holds "<kind> <pid>"
-    meshes/<digest>.json          last good host list of each mesh URL
+    hosts/<host>/moved.json       written by sync when another shard took the host: the
+                                  checkpoint here is stale; its next collect starts afresh
+    hosts/<host>/.<file>.*tmp     a write in progress (:func:`write_at`); collect sweeps its own
+    meshes/<digest>.json          last good host list of each mesh URL (:func:`mesh_cache`)
     sync.json                     sync's own record (last run, host set, changes)
+    sync.lock                     flock(2) held by a sync
 
 ``<host>`` is always a name that passed :func:`psprobe.hostnames.normalise`, so it
 can never climb out of ``hosts/``; :func:`host_dir` checks that again.
@@ -28,8 +35,12 @@ they have no second hard link.  A link found there is refused with
 ``state_dir`` itself may be a link (the operator's choice, e.g.
 ``/var/lib/psprobe -> /data/psprobe``): only what is below it is checked.
 The same holds for an operator's directory given without ``root`` (e.g.
-``[metrics] textfile_dir``): the directory is taken as it is, the file in it
-is never written through a link.
+``[metrics] textfile_dir``, ``[collect] runtime_dir``'s slot files): the
+directory is taken as it is, the file in it is never written through a link.
+
+Cheap to import: psprobe.slots uses :func:`open_file` and :func:`flock` in a
+process that waits for its run slot before any heavy import, so json and
+hashlib are imported where used and typing not at all.
 """
 
 from __future__ import annotations
@@ -37,16 +48,31 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
-import json
 import os
 import stat
 from pathlib import Path
-from typing import Any
 
-# The files of a host directory (see the layout above), and those written in place.
-HOST_FILES = ("lock", "checkpoint.json", "checkpoint.journal", "checkpoint.prev.json",
-              "history.json", "target.json")
-IN_PLACE = ("lock", "checkpoint.journal")
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (see above)
+if TYPE_CHECKING:
+    from typing import Any
+
+# --- the layout (see above): the one place these names are spelled
+HOSTS = "hosts"
+MESHES = "meshes"
+TARGET = "target.json"
+CHECKPOINT = "checkpoint.json"
+JOURNAL = "checkpoint.journal"
+COPY = "checkpoint.prev.json"
+DAMAGED = "checkpoint.json.damaged"
+HISTORY = "history.json"
+LOCK = "lock"
+SYNC = "sync.json"
+SYNC_LOCK = "sync.lock"
+MOVED = "moved.json"
+
+# The files of a host directory, and those written in place (not by rename).
+HOST_FILES = (LOCK, CHECKPOINT, JOURNAL, COPY, HISTORY, TARGET, MOVED)
+IN_PLACE = (LOCK, JOURNAL)
 
 _DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
 
@@ -81,7 +107,24 @@ def host_dir(state_dir: str | Path, host: str) -> Path:
     """Directory of one host; refuses anything that is not a single path component."""
     if not host or host in (".", "..") or "/" in host or "\0" in host:
         raise ValueError(f"unsafe host name for a state path: {host!r}")
-    return Path(state_dir) / "hosts" / host
+    return Path(state_dir) / HOSTS / host
+
+
+def host_file(state_dir: str | Path, host: str, name: str) -> Path:
+    """``hosts/<host>/<name>``; ``name`` is one of :data:`HOST_FILES`."""
+    return host_dir(state_dir, host) / name
+
+
+def sync_file(state_dir: str | Path) -> Path:
+    """Sync's own record."""
+    return Path(state_dir) / SYNC
+
+
+def mesh_cache(state_dir: str | Path, url: str) -> Path:
+    """The last good host list of the mesh at ``url``: named by a digest of the URL."""
+    import hashlib
+
+    return Path(state_dir) / MESHES / (hashlib.sha256(url.encode()).hexdigest()[:24] + ".json")
 
 
 def _named(e: OSError, path: str | Path) -> OSError:
@@ -162,10 +205,11 @@ def dir_fd(path: str | Path, root: str | Path | None = None, *, create: bool = F
     return open_dir(root, *parent.relative_to(root).parts, create=create)
 
 
-def open_file(dir_fd: int, name: str, flags: int, mode: int = 0o640, *,
+def open_file(dir_fd: int | None, name: str, flags: int, mode: int = 0o640, *,
               path: str | Path) -> int:
     """``os.open(name, flags, dir_fd=dir_fd)``, never through a link; ``path`` is for messages.
 
+    ``dir_fd`` None: ``name`` is opened as given (in an operator's directory).
     The file must be a regular one (a FIFO cannot block the open: O_NONBLOCK),
     and one opened for writing must have a single hard link (a second name
     could be someone else's file).  Raises LinkError, Refused, or OSError
@@ -248,16 +292,65 @@ def _temp_name(name: str) -> str:
     return f".{name}.{os.urandom(4).hex()}.tmp"
 
 
-def write_atomic(path: str | Path, data: bytes, mode: int = 0o644, *,
-                 root: str | Path | None = None, durable: bool = True) -> None:
-    """Replace ``path`` with ``data`` so that a reader sees the old or the new file, never a torn one.
+def is_temp(name: str, of: str) -> bool:
+    """``name`` is a temp file :func:`write_at` makes for ``of`` (a killed run leaves them)."""
+    return name.startswith(f".{of}.") and name.endswith(".tmp")
 
-    Temp file in the same directory (``O_CREAT | O_EXCL | O_NOFOLLOW``, named
+
+def write_at(dir_fd: int, name: str, data: bytes, mode: int = 0o644, *, path: str | Path,
+             durable: bool = True, fixed_temp: bool = False) -> None:
+    """Replace ``name`` in ``dir_fd`` so that a reader sees the old or the new file, never a torn one.
+
+    A temp file beside it (``O_CREAT | O_EXCL | O_NOFOLLOW``, named
     ``.<name>.<random>.tmp``), fsync, rename, fsync of the directory (both
     skipped unless ``durable``): a crash or a full disk leaves the previous
-    version in place.  With ``root`` the directories below it are made when
-    missing and never followed through a link (see :func:`dir_fd`); a link
-    at ``path`` itself is refused.
+    version in place.  ``fixed_temp``: the temp is ``.<name>.tmp``, removed
+    first (a killed run's leftover, or a planted link: removed, never
+    followed), so a writer that holds a lock for the file (the checkpoint,
+    under the host's) leaves at most one temp however often it is killed.
+    A link at ``name`` is refused; ``path`` is for messages.
+    """
+    _refuse_link(dir_fd, name, path)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL
+    path = Path(path)
+    if fixed_temp:
+        tmp = f".{name}.tmp"
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp, dir_fd=dir_fd)
+        fd = open_file(dir_fd, tmp, flags, 0o600, path=path.with_name(tmp))
+    else:
+        while True:
+            tmp = _temp_name(name)
+            try:
+                fd = open_file(dir_fd, tmp, flags, 0o600, path=path.with_name(tmp))
+                break
+            except FileExistsError:
+                continue
+    try:
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            if durable:
+                os.fsync(fd)
+            os.fchmod(fd, mode)
+        finally:
+            os.close(fd)
+        replace_at(dir_fd, tmp, name, path=path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp, dir_fd=dir_fd)
+        raise
+    if durable:
+        os.fsync(dir_fd)
+
+
+def write_atomic(path: str | Path, data: bytes, mode: int = 0o644, *,
+                 root: str | Path | None = None, durable: bool = True) -> None:
+    """:func:`write_at` of ``path``; OSErrors name the path.
+
+    With ``root`` the directories below it are made when missing and never
+    followed through a link (see :func:`dir_fd`).
     """
     path = Path(path)
     try:
@@ -267,32 +360,7 @@ def write_atomic(path: str | Path, data: bytes, mode: int = 0o644, *,
     except OSError as e:
         raise _named(e, e.filename or path.parent) from None
     try:
-        _refuse_link(dfd, path.name, path)
-        while True:
-            tmp = _temp_name(path.name)
-            try:
-                fd = open_file(dfd, tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600,
-                               path=path.with_name(tmp))
-                break
-            except FileExistsError:
-                continue
-        try:
-            try:
-                view = memoryview(data)
-                while view:
-                    view = view[os.write(fd, view):]
-                if durable:
-                    os.fsync(fd)
-                os.fchmod(fd, mode)
-            finally:
-                os.close(fd)
-            replace_at(dfd, tmp, path.name, path=path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp, dir_fd=dfd)
-            raise
-        if durable:
-            os.fsync(dfd)
+        write_at(dfd, path.name, data, mode, path=path, durable=durable)
     except OSError as e:
         if isinstance(e, Refused) or e.filename:
             raise
@@ -304,8 +372,14 @@ def write_atomic(path: str | Path, data: bytes, mode: int = 0o644, *,
 def write_json_atomic(path: str | Path, obj: Any, mode: int = 0o644, *,
                       root: str | Path | None = None) -> None:
     """JSON by :func:`write_atomic`; pass ``root`` (the state directory) for a file below it."""
-    data = json.dumps(obj, separators=(",", ":"), sort_keys=True).encode()
-    write_atomic(path, data, mode, root=root)
+    write_atomic(path, dumps(obj), mode, root=root)
+
+
+def dumps(obj: Any) -> bytes:
+    """The compact, sorted JSON of a state file."""
+    import json
+
+    return json.dumps(obj, separators=(",", ":"), sort_keys=True).encode()
 
 
 def read_json(path: str | Path, default: Any = None, *, root: str | Path | None = None) -> Any:
@@ -329,6 +403,8 @@ def read_json(path: str | Path, default: Any = None, *, root: str | Path | None 
 
 def read_json_at(dir_fd: int, name: str, default: Any = None, *, path: str | Path) -> Any:
     """:func:`read_json` of ``name`` in an open directory (``path`` is for messages)."""
+    import json
+
     raw = read_at(dir_fd, name, path=path)
     if raw is None:
         return default
@@ -350,9 +426,27 @@ def listdir(root: str | Path, *parts: str) -> list[str]:
         os.close(fd)
 
 
-# --- locks: one flock(2) helper for every run lock
+# --- locks: one flock(2) helper for every lock (host runs, sync, status's probe, run slots)
 
 HOLDERS = ("collect", "backfill")  # what a host's lock file may say holds it
+
+
+def flock(fd: int, *, shared: bool = False, wait: bool = False) -> bool:
+    """flock(2) ``fd``: True once held, False when another process holds it (``wait`` False).
+
+    Held while ``fd`` is open; the kernel drops it when the process dies, so a
+    killed run never leaks one.  ``wait`` blocks until it is free; a signal
+    handler that raises ends the wait (psprobe.slots' rescan).  Any other
+    failure raises OSError.
+    """
+    op = (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | (0 if wait else fcntl.LOCK_NB)
+    try:
+        fcntl.flock(fd, op)
+    except OSError as e:
+        if not wait and e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            return False
+        raise
+    return True
 
 
 class Busy(Exception):
@@ -389,21 +483,21 @@ class Lock:
         try:
             d = dir_fd(self.path, self.root, create=True)
             try:
-                fd = open_file(d, self.path.name, os.O_RDWR | os.O_CREAT, 0o640,
-                                     path=self.path)
+                fd = open_file(d, self.path.name, os.O_RDWR | os.O_CREAT, 0o640, path=self.path)
             finally:
                 os.close(d)
         except OSError as e:
             raise (e if isinstance(e, Refused) else
                    StateError(f"{self.path}: cannot open lock: {e.strerror}")) from None
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            held = flock(fd)
         except OSError as e:
+            os.close(fd)
+            raise StateError(f"{self.path}: cannot lock: {e.strerror}") from None
+        if not held:
             holder = _holder(fd)
             os.close(fd)
-            if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                raise Busy(str(self.path), holder) from None
-            raise StateError(f"{self.path}: cannot lock: {e.strerror}") from None
+            raise Busy(str(self.path), holder)
         if self.kind:
             rec = f"{self.kind} {os.getpid()}\n".encode()
             with contextlib.suppress(OSError):  # who holds it is for messages only
@@ -420,4 +514,32 @@ class Lock:
 
 def host_lock(state_dir: str, host: str, kind: str = "collect") -> Lock:
     """The host's run lock, taken by a ``kind`` of run (one of HOLDERS)."""
-    return Lock(host_dir(state_dir, host) / "lock", kind, root=state_dir)
+    return Lock(host_file(state_dir, host, LOCK), kind, root=state_dir)
+
+
+def host_busy(state_dir: str, host: str) -> bool:
+    """A collect or backfill holds the host's lock (for status).
+
+    A shared try-lock: it never waits and never makes a run wait.  A lock
+    file that is missing or cannot be opened means no run holds it.
+    """
+    path = host_file(state_dir, host, LOCK)
+    try:
+        d = host_dir_fd(state_dir, host)
+        try:
+            fd = open_file(d, LOCK, os.O_RDONLY, path=path)
+        finally:
+            os.close(d)
+    except OSError:
+        return False
+    try:
+        return not flock(fd, shared=True)
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+
+
+def sync_lock(state_dir: str | Path) -> Lock:
+    """The lock a sync holds, so that two syncs never write units at once."""
+    return Lock(Path(state_dir) / SYNC_LOCK)

@@ -6,7 +6,6 @@ import re
 
 import pytest
 
-from psprobe import hostnames
 from psprobe.hostnames import BadHost, from_instance, normalise, split, unit_instance
 
 GOOD = {
@@ -103,7 +102,6 @@ def test_split():
     assert split("ps.example.org:8085") == ("ps.example.org", 8085)
     assert split("[2001:db8::1]") == ("[2001:db8::1]", None)
     assert split("[2001:db8::1]:8443") == ("[2001:db8::1]", 8443)
-    assert hostnames.url_host("[2001:db8::1]:8443") == "[2001:db8::1]:8443"
 
 
 UNIT_CHARS = re.compile(r"[A-Za-z0-9:_.\\-]+")

@@ -117,19 +117,23 @@ def test_off_when_empty_and_missing_dir_is_only_a_warning(tmp_path, sim, bus, ca
 def test_a_reader_never_sees_a_partial_file(tmp_path, monkeypatch):
     d = tmp_path / "prom"
     d.mkdir()
-    metrics.write_atomic(str(d), "x.prom", "old 1\n")
+    prom = d / metrics.SYNC_FILE
+    assert metrics.write_sync(str(d), {"hosts": ["a"], "last_run": 1})
+    old = prom.read_text()
     seen = []
     real_replace = state.replace_at
 
     def replace(dir_fd, src, dst, **kw):  # at the rename: the new text is whole, elsewhere
-        seen.append(((d / "x.prom").read_text(), src, (d / src).read_text()))
+        seen.append((prom.read_text(), src, (d / src).read_text()))
         real_replace(dir_fd, src, dst, **kw)
 
     monkeypatch.setattr(state, "replace_at", replace)
-    metrics.write_atomic(str(d), "x.prom", "new 2\n")
-    assert seen == [("old 1\n", seen[0][1], "new 2\n")]
+    assert metrics.write_sync(str(d), {"hosts": ["a", "b"], "last_run": 2})
+    new = prom.read_text()
+    assert "psprobe_sync_hosts 2" in new and "psprobe_sync_hosts 1" in old
+    assert seen == [(old, seen[0][1], new)]
     assert not seen[0][1].endswith(".prom")  # node_exporter ignores the temporary file
-    assert (d / "x.prom").read_text() == "new 2\n" and [p.name for p in d.iterdir()] == ["x.prom"]
+    assert [p.name for p in d.iterdir()] == [metrics.SYNC_FILE]
 
 
 def test_sync_writes_its_metrics_and_drops_removed_hosts(tmp_path):

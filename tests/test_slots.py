@@ -190,7 +190,7 @@ def test_early_takes_the_slot_of_the_named_config(tmp_path, monkeypatch):
     try:
         assert s is not None and s.path in (str(tmp_path / "r" / "slot.0"),
                                             str(tmp_path / "r" / "slot.1"))
-        assert slots.held() is s
+        assert slots.hold(str(tmp_path / "r"), 2) is s  # held for the rest of the process
     finally:
         s.release()
 
