@@ -156,6 +156,22 @@ def _event_types(text: str) -> tuple[str, ...]:
     return v
 
 
+# N collector machines is a handful; the bound keeps a typo (1/30000000) from costing a
+# sync N hashes per host.
+MAX_SHARDS = 1000
+
+
+def _shard(text: str) -> tuple[int, int] | None:
+    """``K/N`` (this machine is shard K of N, psprobe.shard), or empty / none for no sharding."""
+    v = text.strip()
+    if v.lower() in ("", "none"):
+        return None
+    m = re.fullmatch(r"([0-9]+) */ *([0-9]+)", v)
+    if not m or not 1 <= int(m.group(1)) <= int(m.group(2)) <= MAX_SHARDS:
+        raise ValueError(f"must be K/N with 1 <= K <= N <= {MAX_SHARDS} (like 2/3), or none: {v!r}")
+    return int(m.group(1)), int(m.group(2))
+
+
 def _emails(text: str) -> tuple[str, ...]:
     v = _list(text)
     bad = [a for a in v if not re.fullmatch(r"[^@\s<>]+@[^@\s<>]+", a)]
@@ -254,6 +270,9 @@ class Mesh:
     forget_after: float = _k("7d", _duration_range(0, 3650 * 86400))
     unit_dir: str = _k("/etc/systemd/system", _path)
     template_dir: str = _k("/usr/lib/systemd/system", _path)
+    # This machine's share of the hosts, (K, N) from "K/N", when N machines with this same
+    # configuration split them (psprobe.shard); None: this machine collects every host.
+    shard: tuple[int, int] | None = _k("", _shard)
 
 
 @dataclass(frozen=True)

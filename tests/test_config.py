@@ -72,6 +72,10 @@ def test_host_sections_override_one_host_only(tmp_path):
     ("collect", "interval", "48h", "whole hours dividing a day"),
     ("collect", "interval", "0", "whole minutes"),
     ("collect", "interval", "soon", "not a duration"),
+    ("mesh", "shard", "0/3", "must be K/N with 1 <= K <= N <= 1000 (like 2/3), or none: '0/3'"),
+    ("mesh", "shard", "4/3", "'4/3'"),
+    ("mesh", "shard", "a/b", "'a/b'"),
+    ("mesh", "shard", "3", "must be K/N"),
 ])
 def test_bad_value_is_one_line_naming_file_section_and_key(tmp_path, section, key, value, words):
     p = write_config(tmp_path / "p.conf", {section: {key: value}})
@@ -100,6 +104,15 @@ def test_interval_per_host(tmp_path):
     cfg = config.load(str(p))
     assert cfg.for_host("slow.example.org").collect.interval == 3600
     assert cfg.for_host("other.example.org").collect.interval == 300
+
+
+@pytest.mark.parametrize(("text", "value"), [
+    ("", None), ("none", None), ("1/1", (1, 1)), ("2/3", (2, 3)), (" 3 / 3 ", (3, 3)),
+])
+def test_shard_is_k_of_n_or_none(tmp_path, text, value):
+    cfg = config.load(str(write_config(tmp_path / "p.conf", {"mesh": {"shard": text}})))
+    assert cfg.mesh.shard == value
+    assert config.load(str(write_config(tmp_path / "q.conf", {}))).mesh.shard is None
 
 
 def test_unknown_section_and_bad_host_section(tmp_path):
