@@ -27,10 +27,10 @@ from typing import Any
 from urllib.parse import urlencode, urljoin, urlsplit
 
 from psprobe import config, fetch
+from psprobe.hostnames import default_read_url
 
 log = logging.getLogger("psprobe.archive")
 
-ARCHIVE_PATH = "/esmond/perfsonar/archive/"
 METADATA_PAGE = 1000  # below both esmond's 1500 default and pS 5's cap of 10000
 MAX_METADATA_PAGES = 500
 _KEY = re.compile(r"[A-Za-z0-9_-]{1,128}")
@@ -58,12 +58,9 @@ class Pair:
         return f"{self.key}/{self.event_type}"
 
 
-def default_read_url(host: str, scheme: str) -> str:
-    return f"{scheme}://{host}{ARCHIVE_PATH}"
-
-
 class Archive:
-    """One archive for one run: keep-alive connections sharing one TLS context."""
+    """One archive for one run: keep-alive connections (:mod:`psprobe.fetch` does the
+    HTTP) sharing one TLS context."""
 
     def __init__(self, host: str, settings: config.Archive, read_url: str | None = None,
                  scheme_first: str | None = None) -> None:
@@ -79,7 +76,7 @@ class Archive:
         self.schemes = schemes
         self.scheme: str | None = None  # set once an answer came back
         self.base = ""  # read URL in use
-        self.requests = 0
+        self.requests = 0  # HTTP requests made: the summary line's requests=
         # A time.monotonic() value (the run's deadline, set by the caller) past which
         # no request runs and no retry waits; None: only each request's own limit.
         self.deadline: float | None = None
@@ -429,7 +426,9 @@ class _TLS(_Connect):
 
 
 def _verify(verify: bool | str) -> bool | str:
-    """``[archive] verify``; ``yes`` honours $REQUESTS_CA_BUNDLE / $CURL_CA_BUNDLE as requests did."""
+    """``[archive] verify`` for :func:`psprobe.fetch.tls_context`; ``yes`` honours the CA bundle
+    variables operators already set for curl and Python tools ($REQUESTS_CA_BUNDLE,
+    $CURL_CA_BUNDLE), as psprobe did when it read archives with requests."""
     if verify is True:
         return os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("CURL_CA_BUNDLE") or True
     return verify

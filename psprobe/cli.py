@@ -47,18 +47,6 @@ def _as_state_owner(cfg, host: str) -> None:
     slots.drop_to_owner(cfg.for_host(host).collect.state_dir)
 
 
-def _held_by_pause(cfg, what: str) -> None:
-    """A timer-started run while `psprobe pause` holds: exit 0 doing nothing (by hand: warn, run)."""
-    from psprobe import control
-
-    if control.paused(cfg.collect.state_dir) is None:
-        return
-    if control.under_systemd():
-        log.info("%s: psprobe is paused (psprobe resume); nothing to do", what)
-        sys.exit(0)
-    log.warning("%s: psprobe is paused; running anyway, as asked by hand", what)
-
-
 def _fail(line: str, status: int):
     log.error("%s", line)
     sys.exit(status)
@@ -103,7 +91,6 @@ def collect(ctx: click.Context, host: str, dry_run: bool) -> None:
     h = _host(host)
     _as_state_owner(cfg, h)
     if not dry_run:
-        _held_by_pause(cfg, f"collect {h}")
         from psprobe import slots
 
         # Already held when bin/psprobe took it before the imports.
@@ -139,11 +126,10 @@ def _stop_on_signals() -> list[int]:
     return got
 
 
-
 @main.command()
 @click.option("--dry-run", is_flag=True, help="Print the plan (added, removed, kept); change nothing.")
 @click.option("--unit-dir", metavar="DIR",
-              help="Where the timers.target.wants links go (default [mesh] unit_dir, "
+              help="Where the psprobe-timers.target.wants links go (default [mesh] unit_dir, "
                    "/etc/systemd/system).")
 @click.option("--no-systemctl", is_flag=True,
               help="Write the links but do not call systemctl (for images and tests).")
@@ -156,54 +142,16 @@ def sync(ctx: click.Context, dry_run: bool, unit_dir: str | None, no_systemctl: 
     down) hosts are added and none removed. Exit status 1 when some mesh could
     not be read (the rest is still applied).
     """
-    import time
     from pathlib import Path
 
-    from psprobe import state
     from psprobe import sync as msync
 
     cfg = _config(ctx)
-    if not dry_run:
-        _held_by_pause(cfg, "sync")
-    udir = Path(unit_dir or cfg.mesh.unit_dir)
-    now = time.time()
-    fetch = msync.fetcher(cfg)
-    if dry_run:
-        p = msync.plan(cfg, udir, fetch, now=now, save=False)
-        click.echo(msync.describe(p))
-        sys.exit(1 if p.failed else 0)
-    sd = Path(cfg.collect.state_dir)
-    if not sd.is_dir():
-        # Name the cause: under the unit's ProtectSystem=strict a removed state directory
-        # would otherwise read as "Read-only file system".
-        try:
-            sd.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            from psprobe.exits import Exit
-
-            _fail(f"sync: FAILED error=state directory {sd} does not exist and cannot be created "
-                  f"here ({e.strerror}); recreate it: install -d -m 0770 -o psprobe -g psprobe "
-                  f"{sd}", Exit.STATE)
-    try:
-        with state.Lock(sd / "sync.lock"):
-            p = msync.plan(cfg, udir, fetch, now=now)
-            msync.apply(cfg, p, udir, now=now, systemctl=not no_systemctl)
-    except state.Busy:
-        log.info("sync: another sync is running; nothing to do")
-        return
-    except (state.StateError, OSError) as e:
-        from psprobe.exits import Exit
-
-        _fail(f"sync: FAILED error={e}", Exit.STATE)
-    for h in p.added:
-        log.info("sync: added %s (%s)", h, p.targets[h]["read_url"])
-    for h in p.removed:
-        log.info("sync: removed %s", h)
-    log.log(logging.WARNING if p.failed else logging.INFO,
-            "sync: %s hosts=%d added=%d removed=%d kept=%d held=%d failed_meshes=%d "
-            "duration=%.2fs", "FAILED" if p.failed else "ok", len(p.targets), len(p.added),
-            len(p.removed), len(p.kept), len(p.held), len(p.failed), time.time() - now)
-    sys.exit(1 if p.failed else 0)
+    text, status = msync.run(cfg, Path(unit_dir or cfg.mesh.unit_dir), dry_run=dry_run,
+                             systemctl=not no_systemctl)
+    if text is not None:
+        click.echo(text)
+    sys.exit(status)
 
 
 # --- operator tools (issue 5)
@@ -251,6 +199,7 @@ def status(ctx: click.Context, hosts: tuple[str, ...], as_json: bool) -> None:
     import json
 
     from psprobe import status as st
+    from psprobe.exits import Exit
 
     cfg = _config(ctx)
     only = [_known_host(cfg, h) for h in hosts] if hosts else None
@@ -260,7 +209,7 @@ def status(ctx: click.Context, hosts: tuple[str, ...], as_json: bool) -> None:
     else:
         colour = sys.stdout.isatty()
         click.echo(st.render_text(ov, colour=colour), color=colour)
-    sys.exit(1 if ov.alarm else 0)
+    sys.exit(Exit.ALARM if ov.alarm else Exit.OK)
 
 
 @main.command(context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False})
@@ -277,47 +226,81 @@ def logs(ctx: click.Context, host: str, journalctl_args: tuple[str, ...]) -> Non
     import subprocess
 
     from psprobe import control
+    from psprobe.exits import Exit
 
     cfg = _config(ctx)
     cmd = control.journalctl_command(_known_host(cfg, host), journalctl_args)
     try:
         sys.exit(subprocess.call(cmd))
     except FileNotFoundError:
-        _fail("journalctl not found: is this a systemd machine?", 1)
+        _fail("journalctl not found: is this a systemd machine?", Exit.FAILURE)
 
 
 @main.command()
 @click.option("-f", "--force", is_flag=True, help="Also stop the collects running now.")
 @click.pass_context
 def pause(ctx: click.Context, force: bool) -> None:
-    """Stop psprobe-sync.timer and every host timer until `psprobe resume`.
+    """Stop psprobe-sync.timer and every host timer until `psprobe resume`, reboots included:
+    systemctl disable --now psprobe-timers.target.
 
-    A timer that comes back (at boot) finds the pause and its run does nothing.
-    A collect stopped by -f resends at most [broker] confirm_window messages when it runs again.
+    A sync by hand meanwhile enables new hosts without starting them. A collect
+    stopped by -f resends at most [broker] confirm_window messages when it runs again.
     """
-    from psprobe import control
+    from pathlib import Path
+
+    from psprobe import control, units
+    from psprobe.exits import Exit
 
     cfg = _config(ctx)
     try:
-        stopped = control.pause(cfg.collect.state_dir, cfg.mesh.unit_dir, force=force)
-    except (control.ControlError, OSError) as e:
-        _fail(f"pause: {e}", 1)
-    log.info("paused: stopped %d timers%s", len([u for u in stopped if u.endswith(".timer")]),
+        control.pause(force=force)
+    except control.ControlError as e:
+        _fail(f"pause: {e}", Exit.FAILURE)
+    log.info("paused: %s disabled and stopped, with the sync timer and %d host timers%s",
+             units.TARGET, len(units.enabled_hosts(Path(cfg.mesh.unit_dir))),
              " and the running collects" if force else "")
 
 
 @main.command()
 @click.pass_context
 def resume(ctx: click.Context) -> None:
-    """Undo `psprobe pause`: start the sync timer (when enabled) and every host timer sync enabled."""
-    from psprobe import control
+    """Undo `psprobe pause`: systemctl enable --now psprobe-timers.target, which starts
+    the sync timer (when enabled) and every host timer sync enabled."""
+    from pathlib import Path
+
+    from psprobe import control, units
+    from psprobe.exits import Exit
 
     cfg = _config(ctx)
     try:
-        started = control.resume(cfg.collect.state_dir, cfg.mesh.unit_dir)
-    except (control.ControlError, OSError) as e:
-        _fail(f"resume: {e}", 1)
-    log.info("resumed: started %d timers", len(started))
+        control.resume()
+    except control.ControlError as e:
+        _fail(f"resume: {e}", Exit.FAILURE)
+    log.info("resumed: %s enabled and started, with the sync timer and %d host timers",
+             units.TARGET, len(units.enabled_hosts(Path(cfg.mesh.unit_dir))))
+
+
+@main.command("migrate-units")
+@click.pass_context
+def migrate_units(ctx: click.Context) -> None:
+    """Move an older psprobe's timer links (timers.target.wants) under psprobe-timers.target.
+
+    The package runs it on upgrade, and every sync does; once done it changes nothing.
+    """
+    from pathlib import Path
+
+    from psprobe import status, units
+    from psprobe.exits import Exit
+
+    cfg = _config(ctx)
+    run = units.systemctl if status.systemd_runs(cfg.mesh.unit_dir) else None
+    try:
+        moved = units.migrate(Path(cfg.mesh.unit_dir), cfg.collect.state_dir,
+                              template_dir=Path(cfg.mesh.template_dir), systemctl=run)
+    except OSError as e:
+        _fail(f"migrate-units: {e}", Exit.FAILURE)
+    if moved:
+        log.info("migrate-units: %d timer link(s) now under %s", moved, units.TARGET)
 
 
 def _when(text: str, what: str) -> int:
@@ -357,10 +340,9 @@ def backfill(ctx: click.Context, host: str, since_text: str, until_text: str | N
     until = _when(until_text, "--until") if until_text else int(time.time())
     if until < since:
         raise click.BadParameter("--until is before --since", param_hint="--until")
-    started = time.time()
     tty = sys.stderr.isatty()
     bar = None
-    last_line = [started]
+    last_line = [time.time()]
 
     def progress(done: int, total: int, bf) -> None:
         if bar is not None:
@@ -381,15 +363,7 @@ def backfill(ctx: click.Context, host: str, since_text: str, until_text: str | N
     else:
         bf = runner.backfill_host(cfg, h, since, until, event_types=event_types or None,
                                   progress=progress)
-    line = (f"backfill {h}: {'ok' if bf.status == 0 else 'FAILED'} "
-            f"since={time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime(since))} "
-            f"until={time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime(until))} "
-            f"points={bf.points} messages={bf.messages} duration={time.time() - started:.2f}s")
-    if bf.status:
-        resume_at = bf.done_until + 1 if bf.done_until is not None else since
-        line += (f" error={bf.error}; resume with --since @{resume_at}"
-                 if bf.status != runner.BUSY else f" error={bf.error}")
-    log.log(logging.INFO if bf.status == 0 else logging.ERROR, "%s", line)
+    runner.log_backfill(bf)  # after the bar's last line
     sys.exit(bf.status)
 
 
@@ -409,17 +383,16 @@ def report(ctx: click.Context, since_text: str, to: tuple[str, ...], mail: bool,
     with their last error.  Exit status 1 when the mail could not be sent.
     """
     from psprobe import report as rp
+    from psprobe.exits import Exit
 
     cfg = _config(ctx)
     since = _when(since_text, "--since")
     recipients = tuple(to) or (cfg.report.to if mail else ())
     if mail and not recipients:
-        from psprobe.exits import Exit
-
         _fail("report --mail: [report] to is empty", Exit.CONFIG)
     out = rp.render(rp.build(cfg, since), fmt or ("html" if recipients else "text"))
     try:
         emitter = rp.MailEmitter(cfg.report, recipients) if recipients else rp.PrintEmitter(sys.stdout)
         emitter.emit(out)
     except rp.ReportError as e:
-        _fail(f"report: {e}", 1)
+        _fail(f"report: {e}", Exit.FAILURE)

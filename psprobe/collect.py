@@ -1,4 +1,8 @@
-"""One collect run for one host: archive -> messages -> outlet -> checkpoint.
+"""One pass over one host's archive: archive -> messages -> outlet -> checkpoint.
+
+What a pass reads, and whether the checkpoint follows, is its :class:`Window`;
+where the messages go is its outlet (the broker, stdout, or a test's own).  The
+process around a pass (lock, checkpoint, outlet, record) is runner.py's.
 
 Fetching runs in up to ``[archive] parallel`` threads, one series per thread at
 a time; the main thread alone talks to the broker and moves checkpoints, in the
@@ -13,7 +17,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -29,11 +33,6 @@ from psprobe.state import StateError
 
 log = logging.getLogger("psprobe.collect")
 
-# Exit statuses (psprobe.exits has them all, with the README's words).
-OK, ARCHIVE_FAILED, CONFIG_ERROR = Exit.OK, Exit.ARCHIVE, Exit.CONFIG
-BROKER_FAILED, STATE_FAILED = Exit.BROKER, Exit.STATE
-STOPPED = Exit.STOPPED  # 128 + SIGTERM: stopped from outside (systemctl stop, TimeoutStartSec)
-
 
 class Stopped(BaseException):
     """Raised in the main thread by SIGTERM/SIGINT: end the run now, and record why.
@@ -47,7 +46,7 @@ class Result:
     host: str
     started: float
     ended: float = 0.0
-    status: int = OK
+    status: int = Exit.OK
     error: str | None = None
     series: int = 0  # series the archive lists with wanted event types
     fetched: int = 0  # series asked for data
@@ -71,7 +70,7 @@ class Result:
 def read_url_of(cfg: Config, host: str) -> str | None:
     """The read URL sync recorded for this host, if any."""
     try:
-        target = state.read_json(state.host_dir(cfg.collect.state_dir, host) / "target.json",
+        target = state.read_json(state.host_file(cfg.collect.state_dir, host, state.TARGET),
                                  root=cfg.collect.state_dir)
     except ValueError as e:
         log.warning("%s; using the default archive URL", e)
@@ -80,20 +79,49 @@ def read_url_of(cfg: Config, host: str) -> str | None:
     return url if isinstance(url, str) else None
 
 
-def collect(cfg: Config, host: str, outlet: Outlet, cp: Checkpoint, *,
-            now: float | None = None, dry_run: bool = False,
-            backfill: tuple[int, int] | None = None,
-            progress: Callable[[Result], None] | None = None) -> Result:
-    """Collect everything new on ``host``; the checkpoint moves after each confirm.
+@dataclass(frozen=True)
+class Window:
+    """What a pass reads, and whether the checkpoint follows it.
 
-    ``backfill=(since, until)`` re-reads that window of every series instead,
-    and leaves the checkpoint where it is (the same ids, so consumers can drop
-    what they already have).  ``progress`` is called after each message.
+    ``Window()``: everything new since the checkpoints (or the first-run
+    look-back) up to ``until`` (default: now); the checkpoint moves after each
+    confirm.  ``Window(since, until)``: that fixed span of every series, the
+    same messages and ids a regular run sent (consumers drop what they have);
+    the checkpoint stays.  ``dry``: read as a regular run, move nothing.
+    ``event_types``: only these (default ``[collect] event_types``).
+
+    Why "moves" lives here and not in the outlet: it is a fact about the run
+    (a backfill's span is not "what is new", a dry run is a rehearsal), and one
+    home for it keeps every outlet -- print, broker, a test's -- a plain
+    send/flush/close whose confirm only says "delivered".
+    """
+
+    since: int | None = None
+    until: int | None = None
+    dry: bool = False
+    event_types: tuple[str, ...] | None = None
+
+    @property
+    def fixed(self) -> bool:
+        return self.since is not None
+
+    @property
+    def moves(self) -> bool:
+        return not self.fixed and not self.dry
+
+
+def collect(cfg: Config, host: str, outlet: Outlet, cp: Checkpoint,
+            window: Window = Window()) -> Result:
+    """One pass over ``host``'s archive for ``window``, through ``outlet``.
+
+    With a moving window the checkpoint moves after each confirm, and the copy
+    kept for a damaged checkpoint is refreshed at the end.  ``cp`` stays open:
+    whoever loaded it closes it (runner's envelope).
     """
     res = Result(host, started=time.time())
-    now_i = int(now if now is not None else res.started)
+    now_i = int(res.started if window.until is None else window.until)
     c, a = cfg.collect, cfg.archive
-    move = not dry_run and backfill is None
+    move = window.moves
     if move:  # under the host's lock: nobody else is writing these
         cp.sweep()
     arch = Archive(host, a, read_url_of(cfg, host), cp.scheme)
@@ -102,7 +130,7 @@ def collect(cfg: Config, host: str, outlet: Outlet, cp: Checkpoint, *,
     # time - late_window (so a point written up to late_window after its ts is seen
     # by one of them).  A checkpoint with no record of what was sent starts one.
     look = None
-    if c.late_window and backfill is None and cp.swept is not None \
+    if c.late_window and not window.fixed and cp.swept is not None \
             and res.started - cp.swept >= c.late_window / 2:
         look = int(cp.swept - c.late_window)
     # What was sent is kept from where the next look-back can reach (no more: a
@@ -112,52 +140,51 @@ def collect(cfg: Config, host: str, outlet: Outlet, cp: Checkpoint, *,
     if a.verify is False:
         log.warning("%s: TLS certificate verification is OFF ([archive] verify = no)", host)
     try:
-        lookback = now_i - int(c.first_run_lookback)
-        if backfill:
-            since, now_i = backfill
+        if window.fixed:
+            since = window.since
         else:
+            lookback = now_i - int(c.first_run_lookback)
             since = min([lookback, *(v + 1 for v in cp.pairs.values()),
                          *((look,) if look is not None else ())])
-        pairs = list(arch.pairs(arch.metadata(time_start=since), c.event_types))
+        pairs = list(arch.pairs(arch.metadata(time_start=since),
+                                window.event_types or c.event_types))
         res.series = len(pairs)
         if arch.scheme != cp.scheme and move:
             cp.scheme = arch.scheme
             cp.save()
-        if backfill:
+        if window.fixed:
             todo = [_Todo(p, since) for p in pairs
                     if p.time_updated is None or p.time_updated >= since]
         else:
             todo = _plan(pairs, cp, lookback, now_i, host, look)
         res.fetched = len(todo)
-        _run(arch, todo, now_i, cfg, outlet, cp if move else None, res, progress)
-        if move and res.status == OK and c.late_window and (look is not None or cp.swept is None):
+        _run(arch, todo, now_i, cfg, outlet, cp if move else None, res)
+        if move and res.status == Exit.OK and c.late_window and (look is not None or cp.swept is None):
             cp.swept = res.started
         if move and cp.swept is not None:
             cp.forget_before(int(cp.swept - c.late_window))
         if move:
             cp.routed |= getattr(outlet, "routed_keys", set())
     except Stopped as e:
-        res.status, res.error = STOPPED, f"stopped by {e} before the run was done"
+        res.status, res.error = Exit.STOPPED, f"stopped by {e} before the run was done"
     except ArchiveError as e:
-        res.status, res.error = ARCHIVE_FAILED, str(e)
+        res.status, res.error = Exit.ARCHIVE, str(e)
     except BrokerError as e:
-        res.status, res.error = BROKER_FAILED, str(e)
+        res.status, res.error = Exit.BROKER, str(e)
     except ConfigError as e:  # a broker TLS file found unusable when connecting
-        res.status, res.error = CONFIG_ERROR, str(e)
+        res.status, res.error = Exit.CONFIG, str(e)
     except StateError as e:
-        res.status, res.error = STATE_FAILED, str(e)
+        res.status, res.error = Exit.STATE, str(e)
     finally:
         arch.close()
         res.requests = arch.requests
         res.ended = time.time()
-    if move and res.status != STATE_FAILED:
+    if move and res.status != Exit.STATE:
         try:  # the fallback position if the checkpoint is ever found damaged
             cp.keep_copy()
         except StateError as e:
-            res.status, res.error = STATE_FAILED, str(e)
-    cp.close()
-    if cp.pairs:
-        res.newest = max(cp.pairs.values())
+            res.status, res.error = Exit.STATE, str(e)
+    res.newest = cp.newest
     return res
 
 
@@ -206,7 +233,7 @@ _DONE = object()
 
 
 def _run(arch: Archive, todo: list[_Todo], now: int, cfg: Config, outlet: Outlet,
-         cp: Checkpoint | None, res: Result, progress: Callable[[Result], None] | None) -> None:
+         cp: Checkpoint | None, res: Result) -> None:
     if not todo:
         return
     prefix, chunk = cfg.broker.routing_key_prefix, cfg.collect.chunk_points
@@ -247,7 +274,7 @@ def _run(arch: Archive, todo: list[_Todo], now: int, cfg: Config, outlet: Outlet
     try:
         for t in todo:
             pool.submit(produce, t)
-        _consume(q, todo, arch, cfg, outlet, cp, res, progress)
+        _consume(q, todo, arch, cfg, outlet, cp, res)
     except Stopped:
         stopped = True
         raise
@@ -280,15 +307,14 @@ def _unsent(pages: Iterable[list[tuple[int, Any]]], t: _Todo,
 
 
 def _consume(q: queue.Queue, todo: list[_Todo], arch: Archive, cfg: Config, outlet: Outlet,
-             cp: Checkpoint | None, res: Result,
-             progress: Callable[[Result], None] | None) -> None:
+             cp: Checkpoint | None, res: Result) -> None:
     first_error = None
     pending, gone, give_up = len(todo), 0, cfg.archive.give_up_after
     deadline = arch.deadline or float("inf")
     while pending:
         left = deadline - time.monotonic()
         if left <= 0:
-            res.status = ARCHIVE_FAILED
+            res.status = Exit.ARCHIVE
             res.error = (f"run deadline of {cfg.collect.run_deadline:g}s ([collect] run_deadline) "
                          f"reached; {pending} of {res.fetched} series not read")
             break
@@ -306,26 +332,26 @@ def _consume(q: queue.Queue, todo: list[_Todo], arch: Archive, cfg: Config, outl
             log.error("%s", item)
             gone = gone + 1 if unreachable(item) else 0
             if give_up and gone >= give_up and pending:
-                res.status = ARCHIVE_FAILED
+                res.status = Exit.ARCHIVE
                 res.error = (f"archive gone: {gone} series in a row had no connection or no "
                              f"answer; gave up on the other {pending} of {res.fetched} "
                              f"([archive] give_up_after); first: {first_error}")
                 break
         else:
             msg, stamps = item
-            outlet.send(msg, functools.partial(_confirmed, t, msg, stamps, cp, res, progress))
+            outlet.send(msg, functools.partial(_confirmed, t, msg, stamps, cp, res))
             if cp is not None:  # what that send saw confirmed, on disk in one flush
                 cp.sync()
     outlet.flush()
     if cp is not None:
         cp.sync()
-    if res.failed and res.status == OK:
-        res.status = ARCHIVE_FAILED
+    if res.failed and res.status == Exit.OK:
+        res.status = Exit.ARCHIVE
         res.error = f"{res.failed} of {res.fetched} series could not be read; first: {first_error}"
 
 
-def _confirmed(t: _Todo, msg: Message, stamps: list[int], cp: Checkpoint | None, res: Result,
-               progress: Callable[[Result], None] | None) -> None:
+def _confirmed(t: _Todo, msg: Message, stamps: list[int], cp: Checkpoint | None,
+               res: Result) -> None:
     """The broker has ``msg`` (and every message before it): now the checkpoint may move."""
     pair = t.pair
     if cp is not None:
@@ -334,8 +360,6 @@ def _confirmed(t: _Todo, msg: Message, stamps: list[int], cp: Checkpoint | None,
     res.points += msg.points
     res.messages += 1
     res.points_by_type[pair.event_type] = res.points_by_type.get(pair.event_type, 0) + msg.points
-    if progress:
-        progress(res)
 
 
 def _messages(pages: Iterable[list[tuple[int, Any]]], enc: Encoder, chunk: int):
@@ -364,7 +388,7 @@ def summary(res: Result) -> str:
     """The run's one summary line (journal, tests and operators read it)."""
     lag = res.lag()
     return (
-        f"collect {res.host}: {'ok' if res.status == OK else 'FAILED'}"
+        f"collect {res.host}: {'ok' if res.status == Exit.OK else 'FAILED'}"
         f" series={res.series} fetched={res.fetched} failed={res.failed}"
         f" points={res.points} messages={res.messages} requests={res.requests}"
         f" duration={res.duration:.2f}s lag={'unknown' if lag is None else f'{lag:.0f}s'}"

@@ -27,6 +27,11 @@ class Exit(enum.IntEnum):
     BUSY = 75  # EX_TEMPFAIL: backfill while a collect holds the host's lock
     CONFIG = 78  # EX_CONFIG
     STOPPED = 143  # 128 + SIGTERM; the process then ends by the signal itself
+    # The other commands' 1, by what it means there (aliases: the same member as
+    # ARCHIVE, so the table and the loops over Exit list 1 once).
+    MESH = 1  # sync: a mesh could not be read (the rest was applied)
+    ALARM = 1  # status: a host fails or lags, or a mesh failed at the last sync (a check)
+    FAILURE = 1  # report: no mail sent; logs: no journalctl; pause/resume: systemctl failed
 
     def __str__(self) -> str:  # "69" on every Python (3.9 and 3.10 would say "Exit.BROKER")
         return str(int(self))
@@ -57,8 +62,7 @@ SYSTEMD = {
 
 # The README's rows, word for word: | status | the journal says | meaning |
 README_ROWS = {
-    Exit.OK: "done; or another collect of this host holds its lock; or psprobe is paused "
-             "(`psprobe pause`) and systemd started the run: nothing done",
+    Exit.OK: "done; or another collect of this host holds its lock: nothing done",
     Exit.ARCHIVE: "collect, backfill: the archive could not be read (all of it, or some series: "
                   "the others were collected); sync: a mesh could not be read (the rest was "
                   "applied)",

@@ -124,11 +124,6 @@ def split(host: str) -> tuple[str, int | None]:
     return name, int(port) if sep else None
 
 
-def url_host(host: str) -> str:
-    """The key as a URL authority: canonical keys already are (IPv6 is bracketed)."""
-    return normalise(host)
-
-
 def unit_instance(host: str) -> str:
     """The instance string of ``psprobe@<instance>.timer`` for a canonical key.
 
@@ -149,3 +144,14 @@ def from_instance(s: str) -> str:
     if not isinstance(s, str):
         raise BadHost(f"not a string but {type(s).__name__}")
     return normalise(_ESCAPE.sub(lambda m: chr(int(m.group(1), 16)), s))
+
+
+# Where a perfSONAR toolkit keeps its own archive.  Here, in the leaf both sides
+# import, because sync (a mesh naming a bare host) and collect (a host with no
+# read URL recorded) must agree on it.
+ARCHIVE_PATH = "/esmond/perfsonar/archive/"
+
+
+def default_read_url(host: str, scheme: str = "https") -> str:
+    """The read URL of ``host``'s own archive, for a host named without one."""
+    return f"{scheme}://{host}{ARCHIVE_PATH}"

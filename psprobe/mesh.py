@@ -25,7 +25,6 @@ from urllib.parse import urljoin, urlsplit
 
 from psprobe import hostnames
 
-ARCHIVE_PATH = "/esmond/perfsonar/archive/"
 MAX_WARNINGS = 1000  # per discover(): a mesh of 100 000 bad names must not flood the journal
 _DEFAULT_PORT = {"http": 80, "https": 443}
 _URL_CHARS = re.compile(r"[\x21-\x7e]{1,2048}")  # printable ASCII, no space: nothing to strip or forge
@@ -127,11 +126,6 @@ class _Targets:
 
     def result(self) -> dict[str, str]:
         return {h: self.best[h][2] for h in sorted(self.best)}
-
-
-def default_read_url(host: str) -> str:
-    """Where a toolkit keeps its own archive."""
-    return f"https://{host}{ARCHIVE_PATH}"
 
 
 def read_url(raw: Any) -> tuple[str, str]:
@@ -254,7 +248,7 @@ class _Doc:
             self.targets.add(got[0], got[1], True, self.log, self.source)
 
     def default(self, host: str) -> None:
-        self.targets.add(host, default_read_url(host), False, self.log, self.source)
+        self.targets.add(host, hostnames.default_read_url(host), False, self.log, self.source)
 
     def items(self, parent: Any, key: str, where: str) -> list[Any]:
         """``parent[key]`` as a list; absent is empty, anything else a warning."""

@@ -17,8 +17,6 @@ shared lock on its lock file, which never blocks it).
 from __future__ import annotations
 
 import dataclasses
-import errno
-import fcntl
 import os
 import signal
 import time
@@ -27,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from psprobe import history, hostnames, metrics, state, units
+from psprobe import history, hostnames, metrics, shard, state, units
 from psprobe.config import Config
 
 DAY = 86400
@@ -98,6 +96,7 @@ class SystemdView:
     next_run: dict[str, float | None] = dataclasses.field(default_factory=dict)
     timers: dict[str, str] = dataclasses.field(default_factory=dict)  # host -> ActiveState
     units: dict[str, Unit] = dataclasses.field(default_factory=dict)  # host -> its service
+    target: dict[str, str] = dataclasses.field(default_factory=dict)  # psprobe-timers.target
     error: str | None = None  # why systemd's view is missing (it did not answer)
 
 
@@ -137,9 +136,10 @@ class HostStatus:
 class Overview:
     now: float
     hosts: list[HostStatus]
-    paused: dict[str, Any] | None
+    paused: bool  # `psprobe pause`: psprobe-timers.target disabled and stopped
     sync: dict[str, Any] | None
     systemd_error: str | None = None
+    shard: tuple[int, int] | None = None  # [mesh] shard (K, N): this machine's share
 
     @property
     def failed_meshes(self) -> list[str]:
@@ -160,7 +160,7 @@ class Overview:
 
 def read_sync(state_dir: str) -> dict[str, Any] | None:
     try:
-        rec = state.read_json(Path(state_dir) / "sync.json")
+        rec = state.read_json(state.sync_file(state_dir))
     except (ValueError, OSError):
         return None
     return rec if isinstance(rec, dict) else None
@@ -170,7 +170,7 @@ def known_hosts(cfg: Config, sync: dict[str, Any] | None = None) -> set[str]:
     """Every host with state, an enabled timer, or named by the last sync."""
     found = set(units.enabled_hosts(Path(cfg.mesh.unit_dir)))
     try:
-        names = state.listdir(cfg.collect.state_dir, "hosts")
+        names = state.listdir(cfg.collect.state_dir, state.HOSTS)
     except OSError:
         names = []
     for n in names:
@@ -184,30 +184,11 @@ def known_hosts(cfg: Config, sync: dict[str, Any] | None = None) -> set[str]:
     return found
 
 
-def _running(state_dir: str, host: str) -> bool:
-    """True when a collect or backfill holds the host's lock (a shared try-lock, never waits)."""
-    try:
-        d = state.host_dir_fd(state_dir, host)
-        try:
-            fd = state.open_file(d, "lock", os.O_RDONLY, path=state.host_dir(state_dir, host) / "lock")
-        finally:
-            os.close(d)
-    except (OSError, state.StateError):
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except OSError as e:
-        return e.errno in (errno.EWOULDBLOCK, errno.EAGAIN)
-    finally:
-        os.close(fd)
-    return False
-
-
 def _newest_confirmed(state_dir: str, host: str) -> int | None:
+    """The checkpoint's newest position (journal included: a running collect's too)."""
     from psprobe import checkpoint
 
-    pairs = checkpoint.peek(state_dir, host)
-    return max(pairs.values()) if pairs else None
+    return checkpoint.newest(checkpoint.peek(state_dir, host))
 
 
 def _same_run(rec: dict[str, Any] | None, unit: Unit) -> str:
@@ -240,8 +221,8 @@ def host_status(cfg: Config, host: str, *, now: float, enabled: bool, in_meshes:
         failures += 1
     day = [r for r in runs["runs"] if r.get("end", 0) >= now - DAY]
     newest = _newest_confirmed(sd, host)
-    if newest is None:
-        newest = next((r["newest"] for r in reversed(regular) if r.get("newest") is not None), None)
+    if newest is None:  # no readable checkpoint: what the last runs recorded of it
+        newest = history.newest(regular)
     lag = None if newest is None else max(0.0, now - newest)
     alarm = cfg.for_host(host).report.lag_alarm
     last_run = last.get("end") if last else None
@@ -285,7 +266,7 @@ def host_status(cfg: Config, host: str, *, now: float, enabled: bool, in_meshes:
     backfills = [r.get("end") for r in runs["runs"] if history.is_backfill(r)]
     return HostStatus(
         host=host, health=health, enabled=enabled, in_meshes=in_meshes,
-        running=_running(sd, host),
+        running=state.host_busy(sd, host),
         last_run=last_run, last_success=runs["last_success"],
         result=result, status=code, error=error,
         points_last=int(last.get("points") or 0) if last else 0,
@@ -324,7 +305,9 @@ _SERVICE_PROPS = ("Result", "ExecMainCode", "ExecMainStatus", "ExecMainStartTime
 
 def systemd_view(timer_hosts: Iterable[str]) -> SystemdView:
     """systemd's view in ONE ``systemctl show`` (with a timeout): the timers of
-    ``timer_hosts`` by name, and every ``psprobe@*.service`` by pattern.
+    ``timer_hosts`` by name, their parent ``psprobe-timers.target`` (whether it
+    runs; not since when: stopped, it is unloaded at once and its timestamps
+    with it), and every ``psprobe@*.service`` by pattern.
 
     Why a pattern on ``show``, not ``list-units --all --failed``: a pattern
     matches the units systemd has loaded, and a failed unit is never unloaded
@@ -337,8 +320,8 @@ def systemd_view(timer_hosts: Iterable[str]) -> SystemdView:
     """
     names = {units.timer_name(h): h for h in timer_hosts}
     props = ("Id", "ActiveState", *_TIMER_PROPS, *_SERVICE_PROPS)
-    cp = units.systemctl("show", *(f"--property={p}" for p in props), *names, SERVICES,
-                         timeout=SYSTEMCTL_TIMEOUT)
+    cp = units.systemctl("show", *(f"--property={p}" for p in props), *names, units.TARGET,
+                         SERVICES, timeout=SYSTEMCTL_TIMEOUT)
     view = SystemdView(next_run=dict.fromkeys(names.values()))
     if cp.returncode != 0:
         view.error = (cp.stderr.strip().splitlines() or [f"exit status {cp.returncode}"])[-1]
@@ -354,6 +337,8 @@ def systemd_view(timer_hosts: Iterable[str]) -> SystemdView:
             when = [t for t in (real, None if mono is None else boot + mono) if t is not None]
             view.next_run[host] = min(when) if when else None
             view.timers[host] = pr.get("ActiveState", "")
+        elif uid == units.TARGET:
+            view.target = pr
         elif uid.startswith("psprobe@") and uid.endswith(".service"):
             try:
                 host = hostnames.from_instance(uid[len("psprobe@"):-len(".service")])
@@ -383,8 +368,6 @@ def overview(cfg: Config, only: Iterable[str] | None = None, *, now: float | Non
     hosts, by default when systemd is running); ``next_elapse`` (tests) only
     the next timer firings.
     """
-    from psprobe import control
-
     now = time.time() if now is None else now
     sync = read_sync(cfg.collect.state_dir)
     enabled = units.enabled_hosts(Path(cfg.mesh.unit_dir))
@@ -401,7 +384,9 @@ def overview(cfg: Config, only: Iterable[str] | None = None, *, now: float | Non
         # A failed unit of a host psprobe has no state for (a run that died before
         # making its directory) is shown too: systemctl --failed lists it.
         hosts = sorted(set(hosts) | {h for h, u in view.units.items() if u.failed})
-    paused = control.paused(cfg.collect.state_dir)
+    # The target's links say paused (systemd reads the same); a target disabled but still
+    # active (disable without --now) runs its timers until the next boot: not paused yet.
+    paused = units.paused(Path(cfg.mesh.unit_dir)) and view.target.get("ActiveState") != "active"
     rows = []
     for h in hosts:
         row = host_status(cfg, h, now=now, enabled=h in enabled, in_meshes=h in wanted,
@@ -412,7 +397,7 @@ def overview(cfg: Config, only: Iterable[str] | None = None, *, now: float | Non
             row.timer = "failed" if view.timers[h] == "failed" else "stopped"
         rows.append(row)
     rows.sort(key=_sort_key)
-    return Overview(now, rows, paused, sync, view.error)
+    return Overview(now, rows, paused, sync, view.error, cfg.mesh.shard)
 
 
 # --- rendering
@@ -467,11 +452,10 @@ def render_text(ov: Overview, colour: bool = False) -> str:
 
     rows = [_cells(h, ov.now) for h in ov.hosts]
     widths = [max(len(r[i]) for r in [HEADER, *rows]) for i in range(len(HEADER))]
-    lines = []
+    lines = [shard_line(ov)] if ov.shard else []
     if ov.paused:
-        since = time.strftime("%Y-%m-%d %H:%M", time.localtime(ov.paused.get("time", 0)))
-        lines.append(f"PAUSED since {since} ({ago(ov.paused.get('time'), ov.now)}); "
-                     "`psprobe resume` brings the timers back")
+        lines.append(f"PAUSED: {units.TARGET} is disabled and stopped; `psprobe resume` brings "
+                     "the timers back")
     lines.append("  ".join(c.ljust(w) for c, w in zip(HEADER, widths)).rstrip())
     for h, r in zip(ov.hosts, rows):
         cells = [c.ljust(w) for c, w in zip(r, widths)]
@@ -519,6 +503,17 @@ def render_text(ov: Overview, colour: bool = False) -> str:
     return "\n".join(lines)
 
 
+def shard_line(ov: Overview) -> str:
+    """Which shard this machine is, and the split the last sync made (psprobe.shard)."""
+    k, n = ov.shard or (1, 1)
+    split = shard.Split.from_record((ov.sync or {}).get("shard"))
+    if split and (split.k, split.n) == (k, n):
+        return f"{split.line()} at the last sync"
+    last = "no sync has run" if ov.sync is None else \
+        f"the last sync ran as shard {split.k}/{split.n}" if split else "the last sync took every host"
+    return f"shard {k}/{n} ([mesh] shard), not applied yet: {last}"
+
+
 def mesh_lines(ov: Overview) -> list[str]:
     """One line per mesh that failed at the last sync, and what that holds back."""
     sync = ov.sync or {}
@@ -542,7 +537,7 @@ def unroutable_line(h: HostStatus) -> str:
 
 
 def to_json(ov: Overview) -> dict[str, Any]:
-    return {
+    d: dict[str, Any] = {
         "generated": ov.now,
         "alarm": ov.alarm,
         "paused": ov.paused,
@@ -554,3 +549,7 @@ def to_json(ov: Overview) -> dict[str, Any]:
         "systemd_error": ov.systemd_error,
         "hosts": [dataclasses.asdict(h) for h in ov.hosts],
     }
+    if ov.shard:  # only a sharded machine says so: this shard, and the last sync's split
+        d["shard"] = {"k": ov.shard[0], "n": ov.shard[1], "line": shard_line(ov),
+                      "last_sync": (ov.sync or {}).get("shard")}
+    return d

@@ -16,20 +16,25 @@ counts as its answer: its hosts are added and their read URLs recorded.  Past
 it the list is ignored (its hosts are neither added nor updated), but they are
 not removed either while the mesh fails.  Each host's read URL and the meshes
 that named it go to ``hosts/<host>/target.json``, which collect reads.
+
+With ``[mesh] shard = K/N`` the host set is cut to this machine's shard
+(psprobe.shard) before it meets the enabled timers: a host of another shard
+enabled here (N changed) is removed like a host that left the meshes (so,
+like it, only at a sync where every mesh answered), and only this shard's
+hosts get a ``target.json``.
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from psprobe import hostnames, mesh, metrics, state, units
-from psprobe.archive import default_read_url
+from psprobe import hostnames, mesh, metrics, shard, state, units
 from psprobe.config import Config
+from psprobe.exits import Exit
 
 log = logging.getLogger("psprobe.sync")
 
@@ -44,9 +49,14 @@ class Plan:
     removed: list[str]
     kept: list[str]
     failed: list[str] = field(default_factory=list)  # mesh URLs that did not answer well
-    # Enabled hosts no mesh names, kept because a mesh failed (see the module's docstring).
+    # Enabled hosts no mesh names (or another shard has), kept because a mesh failed (see
+    # the module's docstring).
     held: list[str] = field(default_factory=list)
     errors: dict[str, str] = field(default_factory=dict)  # failed mesh URL -> why
+    # [mesh] shard: how the meshes' hosts split, and the enabled hosts another shard
+    # now collects (removed or held above) -> that shard.
+    split: shard.Split | None = None
+    elsewhere: dict[str, int] = field(default_factory=dict)
 
 
 def fetcher(cfg: Config) -> Callable[[str], bytes]:
@@ -85,10 +95,6 @@ def fetcher(cfg: Config) -> Callable[[str], bytes]:
         raise mesh.MeshError(url, f"cannot fetch: {type(last).__name__}: {last}")
 
     return fetch
-
-
-def _cache_path(state_dir: str, url: str) -> Path:
-    return Path(state_dir) / "meshes" / (hashlib.sha256(url.encode()).hexdigest()[:24] + ".json")
 
 
 def gather(cfg: Config, fetch: Callable[[str], bytes], *, now: float, save: bool = True,
@@ -140,7 +146,7 @@ def _static(entry: str) -> tuple[str | None, str]:
     except hostnames.BadHost as e:
         log.warning("[mesh] hosts: ignoring %r: %s", entry, e)
         return None, ""
-    return host, url or default_read_url(host, "https")
+    return host, url or hostnames.default_read_url(host)
 
 
 def _excluded(cfg: Config) -> set[str]:
@@ -160,7 +166,7 @@ def _one_mesh(url: str, fetch: Callable[[str], bytes], sd: str, now: float, forg
 
     None when there is no list to use; ``why[url]`` says why it was not fresh.
     """
-    cache = _cache_path(sd, url)
+    cache = state.mesh_cache(sd, url)
     try:
         res = mesh.discover(url, fetch, max_bytes=MAX_MESH_BYTES)
         for w in res.warnings:
@@ -199,6 +205,16 @@ def plan(cfg: Config, unit_dir: Path, fetch: Callable[[str], bytes], *, now: flo
     errors: dict[str, str] = {}
     targets, failed = gather(cfg, fetch, now=now, save=save, errors=errors)
     enabled = units.enabled_hosts(unit_dir)
+    split, elsewhere = None, {}
+    if cfg.mesh.shard:
+        k, n = cfg.mesh.shard
+        owners = shard.assign(targets, n)
+        split = shard.Split.of(owners, k, n)
+        targets = {h: t for h, t in targets.items() if owners[h] == k}
+        elsewhere = {h: owners[h] for h in enabled if owners.get(h, k) != k}
+        if elsewhere:
+            log.info("%d host(s) enabled here are now collected by other shards of %d",
+                     len(elsewhere), n)
     want = set(targets)
     gone = enabled - want
     held: set[str] = set()
@@ -211,14 +227,23 @@ def plan(cfg: Config, unit_dir: Path, fetch: Callable[[str], bytes], *, now: flo
             log.warning("%d host(s) would be removed but mesh %s failed: keeping them",
                         len(held), ", ".join(failed))
     return Plan(targets, sorted(want - enabled), sorted(gone), sorted(want & enabled),
-                failed, sorted(held), {u: errors.get(u, "failed") for u in failed})
+                failed, sorted(held), {u: errors.get(u, "failed") for u in failed},
+                split, elsewhere)
 
 
-def apply(cfg: Config, p: Plan, unit_dir: Path, *, now: float, systemctl: bool = True) -> None:
-    """Record targets, switch timers, and keep sync's own record for status/report."""
+def apply(cfg: Config, p: Plan, unit_dir: Path, *, now: float,
+          systemctl: bool | units.Systemctl = True) -> None:
+    """Record targets, switch timers, and keep sync's own record for status/report.
+
+    ``systemctl``: True for the real one, False for none (images, tests), or a stand-in.
+    """
     sd = cfg.collect.state_dir
+    run = units.systemctl if systemctl is True else None if systemctl is False else systemctl
+    # An older psprobe's links (timers.target.wants) move under the parent first;
+    # when there are none this is one directory listing.
+    units.migrate(unit_dir, sd, template_dir=Path(cfg.mesh.template_dir), systemctl=run)
     for host, t in p.targets.items():
-        path = state.make_host_dir(sd, host) / "target.json"
+        path = state.make_host_dir(sd, host) / state.TARGET
         rec = {"host": host, "read_url": t["read_url"], "meshes": sorted(set(t["meshes"]))}
         try:
             old = state.read_json(path, root=sd)
@@ -227,8 +252,14 @@ def apply(cfg: Config, p: Plan, unit_dir: Path, *, now: float, systemctl: bool =
         if old != rec:
             state.write_json_atomic(path, rec, root=sd)
     units.apply(unit_dir, p.added, p.removed, template_dir=Path(cfg.mesh.template_dir),
-                interval=lambda host: cfg.for_host(host).collect.interval, systemctl=systemctl)
-    path = Path(sd) / "sync.json"
+                interval=lambda host: cfg.for_host(host).collect.interval, systemctl=run)
+    for host in p.removed:
+        if host in p.elsewhere and state.host_dir(sd, host).is_dir():
+            # Its positions here go stale while another shard collects it
+            # (checkpoint.retire_if_moved, at its next collect here if it comes back).
+            state.write_json_atomic(state.host_file(sd, host, state.MOVED),
+                                    {"time": now, "shard": p.elsewhere[host]}, root=sd)
+    path = state.sync_file(sd)
     try:
         old = state.read_json(path, default={}, root=sd) or {}
     except ValueError:
@@ -244,6 +275,7 @@ def apply(cfg: Config, p: Plan, unit_dir: Path, *, now: float, systemctl: bool =
         "mesh_errors": p.errors,
         "held": p.held,
         "changes": changes,
+        "shard": p.split.record() if p.split else None,
     }
     state.write_json_atomic(path, rec, root=sd)
     metrics.remove_hosts(cfg.metrics.textfile_dir, p.removed)
@@ -252,10 +284,14 @@ def apply(cfg: Config, p: Plan, unit_dir: Path, *, now: float, systemctl: bool =
 
 def describe(p: Plan) -> str:
     """The plan as text, for --dry-run and the log."""
-    lines = [f"add    {h}  {p.targets[h]['read_url']}" for h in p.added]
-    lines += [f"remove {h}" for h in p.removed]
+    def why(h: str) -> str:
+        return f"shard {p.elsewhere[h]} collects it now" if h in p.elsewhere else "no mesh names it"
+
+    lines = [p.split.line()] if p.split else []
+    lines += [f"add    {h}  {p.targets[h]['read_url']}" for h in p.added]
+    lines += [f"remove {h}" + (f"  ({why(h)})" if h in p.elsewhere else "") for h in p.removed]
     lines += [f"keep   {h}  {p.targets[h]['read_url']}" for h in p.kept]
-    lines += [f"hold   {h}  (no mesh names it, kept while a mesh fails)" for h in p.held]
+    lines += [f"hold   {h}  ({why(h)}, kept while a mesh fails)" for h in p.held]
     lines += [f"FAILED mesh {u}: {p.errors.get(u, 'failed')}" for u in p.failed]
     summary = (f"{len(p.targets)} hosts: {len(p.added)} to add, {len(p.removed)} to remove, "
                f"{len(p.kept)} kept; {len(p.failed)} mesh(es) failed")
@@ -264,3 +300,53 @@ def describe(p: Plan) -> str:
                     f"{', '.join(p.failed)} fails")
     lines.append(summary)
     return "\n".join(lines)
+
+
+def run(cfg: Config, unit_dir: Path, *, dry_run: bool = False,
+        systemctl: bool | units.Systemctl = True) -> tuple[str | None, Exit]:
+    """One ``psprobe sync``: (the text to print, the exit status).
+
+    A dry run returns the plan as text and changes nothing.  Otherwise the plan
+    is applied under sync's lock, with one log line per host added or removed
+    and a summary line.  MESH when a mesh failed (the rest is applied), STATE
+    when the state directory cannot be used; OK when another sync is running.
+    """
+    udir = Path(unit_dir)
+    now = time.time()
+    fetch = fetcher(cfg)
+    if dry_run:
+        p = plan(cfg, udir, fetch, now=now, save=False)
+        return describe(p), Exit.MESH if p.failed else Exit.OK
+    sd = Path(cfg.collect.state_dir)
+    if not sd.is_dir():
+        # Name the cause: under the unit's ProtectSystem=strict a removed state directory
+        # would otherwise read as "Read-only file system".
+        try:
+            sd.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            log.error("sync: FAILED error=state directory %s does not exist and cannot be "
+                      "created here (%s); recreate it: install -d -m 0770 -o psprobe -g psprobe "
+                      "%s", sd, e.strerror, sd)
+            return None, Exit.STATE
+    try:
+        with state.sync_lock(sd):
+            p = plan(cfg, udir, fetch, now=now)
+            apply(cfg, p, udir, now=now, systemctl=systemctl)
+    except state.Busy:
+        log.info("sync: another sync is running; nothing to do")
+        return None, Exit.OK
+    except (state.StateError, OSError) as e:
+        log.error("sync: FAILED error=%s", e)
+        return None, Exit.STATE
+    for h in p.added:
+        log.info("sync: added %s (%s)", h, p.targets[h]["read_url"])
+    for h in p.removed:
+        log.info("sync: removed %s%s", h,
+                 f" (shard {p.elsewhere[h]} collects it now)" if h in p.elsewhere else "")
+    log.log(logging.WARNING if p.failed else logging.INFO,
+            "sync: %s hosts=%d added=%d removed=%d kept=%d held=%d failed_meshes=%d%s "
+            "duration=%.2fs", "FAILED" if p.failed else "ok", len(p.targets), len(p.added),
+            len(p.removed), len(p.kept), len(p.held), len(p.failed),
+            f" shard={cfg.mesh.shard[0]}/{cfg.mesh.shard[1]}" if cfg.mesh.shard else "",
+            time.time() - now)
+    return None, Exit.MESH if p.failed else Exit.OK

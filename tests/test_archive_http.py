@@ -20,7 +20,7 @@ from test_collect import arrived, make_cfg
 
 from psprobe import fetch, runner
 from psprobe.archive import Archive, ArchiveError
-from psprobe.collect import ARCHIVE_FAILED, CONFIG_ERROR, OK
+from psprobe.exits import Exit
 
 PROXY_VARS = ("http_proxy", "https_proxy", "all_proxy", "no_proxy")
 FAR = "ps-far.example.invalid"  # resolves nowhere: only a proxy can reach it
@@ -46,18 +46,18 @@ def test_http_proxy_from_the_environment_is_used_and_no_proxy_bypasses_it(
         cfg = make_cfg(tmp_path, bus)
         host = f"{FAR}:8085"
         no_proxy_env.setenv("http_proxy", f"http://127.0.0.1:{sim.port}")
-        assert runner.collect_host(cfg, host) == OK
+        assert runner.collect_host(cfg, host) == Exit.OK
         assert len(arrived(bus.drain())) == 72
         (req, *_) = sim.host(FAR).requests()
         assert req.host_header == host and req.path == "/esmond/perfsonar/archive/"
         no_proxy_env.setenv("no_proxy", "localhost,.example.invalid")
-        assert runner.collect_host(make_cfg(tmp_path / "direct", bus), host) == ARCHIVE_FAILED
+        assert runner.collect_host(make_cfg(tmp_path / "direct", bus), host) == Exit.ARCHIVE
         assert bus.drain() == []
 
 
 def test_unreachable_proxy_is_a_connect_error_naming_the_url(no_proxy_env, bus, tmp_path, caplog):
     no_proxy_env.setenv("HTTP_PROXY", "http://user:Pr0xy-S3cret@127.0.0.1:1")
-    assert runner.collect_host(make_cfg(tmp_path, bus), f"{FAR}:8085") == ARCHIVE_FAILED
+    assert runner.collect_host(make_cfg(tmp_path, bus), f"{FAR}:8085") == Exit.ARCHIVE
     (line,) = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
     assert (f"http://{FAR}:8085/esmond/perfsonar/archive/: cannot connect through proxy "
             "http://127.0.0.1:1: Connection refused") in line
@@ -71,9 +71,9 @@ def test_verify_yes_takes_the_ca_bundle_of_the_environment(monkeypatch, bus, tmp
         sim.host("localhost").add_test("throughput", event_types=["throughput"], step=600)
         host = f"localhost:{sim.port}"
         cfg = make_cfg(tmp_path, bus, archive={"schemes": "https"})  # verify = yes
-        assert runner.collect_host(cfg, host) == ARCHIVE_FAILED  # the test CA is not trusted
+        assert runner.collect_host(cfg, host) == Exit.ARCHIVE  # the test CA is not trusted
         monkeypatch.setenv("CURL_CA_BUNDLE", str(pki.ca))
-        assert runner.collect_host(cfg, host) == OK
+        assert runner.collect_host(cfg, host) == Exit.OK
         assert len(arrived(bus.drain())) == 72
 
 
@@ -87,7 +87,7 @@ def test_parallel_connections_are_bounded_kept_alive_and_resume_one_tls_session(
         host = f"localhost:{sim.port}"
         cfg = make_cfg(tmp_path, bus, archive={"schemes": "https", "verify": pki.ca,
                                                "parallel": 3})
-        assert runner.collect_host(cfg, host) == OK
+        assert runner.collect_host(cfg, host) == Exit.OK
         assert len(arrived(bus.drain())) == 12 * 72
         assert len(h.requests()) == 1 + 12
         assert sim.stats["tls_handshakes"] == sim.stats["connections"] <= 3
@@ -102,7 +102,7 @@ def test_a_client_key_that_does_not_fit_is_a_config_error(no_proxy_env, bus, tmp
         cfg = make_cfg(tmp_path, bus, archive={"schemes": "https", "verify": pki.ca,
                                                "cert": pki.client_cert,
                                                "key": pki.wrong_client_key})
-        assert runner.collect_host(cfg, host) == CONFIG_ERROR
+        assert runner.collect_host(cfg, host) == Exit.CONFIG
         (line,) = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
         assert f"{host}: [archive] cert/key: cannot load:" in line and "\n" not in line
         assert sim.host("localhost").requests() == [] and bus.drain() == []
@@ -115,14 +115,14 @@ def test_gzip_answers_are_decoded_and_capped_by_their_decoded_size(no_proxy_env,
         h = sim.host("localhost")
         h.add_test("latencybg", event_types=["packet-loss-rate"], step=600)
         host = f"localhost:{sim.port}"
-        assert runner.collect_host(make_cfg(tmp_path, bus), host) == OK
+        assert runner.collect_host(make_cfg(tmp_path, bus), host) == Exit.OK
         assert len(arrived(bus.drain())) == 72 and sim.stats["gzipped"] == 2
         # 10 000 traceroutes: megabytes of JSON in one page, a fraction of that on the wire
         now = int(time.time())
         h.add_test("trace", event_types=["packet-trace"], start=now - 20_000,
                    count=20_000, step=1)
         cfg = make_cfg(tmp_path / "cap", bus, archive={"max_answer_mb": 1, "page_points": 10_000})
-        assert runner.collect_host(cfg, host) == ARCHIVE_FAILED
+        assert runner.collect_host(cfg, host) == Exit.ARCHIVE
         assert "answer larger than 1 MB" in caplog.text
 
 
@@ -183,7 +183,7 @@ def test_https_goes_through_a_connect_proxy_with_its_credentials(no_proxy_env, b
             host = f"localhost:{sim.port}"
             no_proxy_env.setenv("https_proxy", f"http://ps%40collector:p%3Ass@127.0.0.1:{proxy.port}")
             cfg = make_cfg(tmp_path, bus, archive={"schemes": "https", "verify": pki.ca})
-            assert runner.collect_host(cfg, host) == OK
+            assert runner.collect_host(cfg, host) == Exit.OK
             assert len(arrived(bus.drain())) == 72
             basic = "Basic " + base64.b64encode(b"ps@collector:p:ss").decode()
             assert proxy.tunnels == [(host, basic)]  # one tunnel, kept alive for the run

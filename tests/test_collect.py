@@ -16,7 +16,7 @@ from conftest import AMQP_URL, ROOT, write_config
 from esmond_sim import EsmondSim
 
 from psprobe import checkpoint, config, runner, state
-from psprobe.collect import BROKER_FAILED, OK
+from psprobe.exits import Exit
 
 META_KEYS = {"source", "destination", "input_source", "input_destination", "measurement_agent",
              "tool_name", "subject_type", "org_metadata_key", "event-type", "summaries", "ts_start"}
@@ -58,7 +58,7 @@ def test_first_run_publishes_every_point_in_the_lookback_with_the_legacy_body(si
     host = f"localhost:{sim.port}"
     cfg = make_cfg(tmp_path, bus, collect={"chunk_points": 50})
     t0 = int(time.time())
-    assert runner.collect_host(cfg, host) == OK
+    assert runner.collect_host(cfg, host) == Exit.OK
     msgs = bus.drain()
     got = arrived(msgs)
     want = held(h, t0 - 12 * 3600, int(time.time()))
@@ -95,11 +95,11 @@ def test_second_run_sends_only_new_points_and_skips_unchanged_series(sim, bus, t
     h.add_test("throughput", event_types=["throughput"], step=600)
     host = f"localhost:{sim.port}"
     cfg = make_cfg(tmp_path, bus)
-    assert runner.collect_host(cfg, host) == OK
+    assert runner.collect_host(cfg, host) == Exit.OK
     bus.drain()
     before = len(h.requests())
     new = h.add_points(a.key, "throughput", count=3, step=1)
-    assert runner.collect_host(cfg, host) == OK
+    assert runner.collect_host(cfg, host) == Exit.OK
     msgs = bus.drain()
     assert arrived(msgs) == [(a.key, "throughput", ts) for ts, _ in new]
     reqs = h.requests()[before:]
@@ -115,14 +115,16 @@ def test_message_ids_are_deterministic(sim, bus, tmp_path):
     end = int(time.time())
     cfg1 = make_cfg(tmp_path / "a", bus)
     cfg2 = make_cfg(tmp_path / "b", bus)
-    from psprobe.collect import collect
+    from psprobe.collect import Window, collect
     from psprobe.publish import BrokerOutlet
 
     ids = []
     for cfg in (cfg1, cfg2):
         state.host_dir(cfg.collect.state_dir, host).mkdir(parents=True)
         out = BrokerOutlet(cfg.broker)
-        collect(cfg, host, out, checkpoint.load(cfg.collect.state_dir, host), now=end)
+        cp = checkpoint.load(cfg.collect.state_dir, host)
+        collect(cfg, host, out, cp, Window(until=end))
+        cp.close()
         out.close()
         ids.append(sorted(m.message_id for m in bus.drain()))
     assert ids[0] and ids[0] == ids[1]
@@ -134,7 +136,7 @@ def test_metadata_paging_past_1500_records_loses_none(sim, bus, tmp_path):
     for _ in range(3100):
         h.add_test("throughput", event_types=["throughput"], start=now - 100, end=now - 100, step=60)
     cfg = make_cfg(tmp_path, bus)
-    assert runner.collect_host(cfg, f"localhost:{sim.port}") == OK
+    assert runner.collect_host(cfg, f"localhost:{sim.port}") == Exit.OK
     got = arrived(bus.drain())
     assert len(got) == 3100 == len(set(got))
 
@@ -145,7 +147,7 @@ def test_100000_new_points_in_one_series_all_arrive(sim, bus, tmp_path):
     rec = h.add_test("throughput", event_types=["packet-count-sent"], start=now - 200_000,
                      count=100_000, step=2)
     cfg = make_cfg(tmp_path, bus, collect={"first_run_lookback": "3d"})
-    assert runner.collect_host(cfg, f"localhost:{sim.port}") == OK
+    assert runner.collect_host(cfg, f"localhost:{sim.port}") == Exit.OK
     got = arrived(bus.drain())
     assert len(got) == 100_000 == len(set(got))
     assert checkpoint.load(cfg.collect.state_dir, f"localhost:{sim.port}").pairs == {
@@ -162,7 +164,7 @@ def test_read_url_from_sync_with_another_path_and_an_ipv6_host(bus, tmp_path):
         d.mkdir(parents=True)
         state.write_json_atomic(d / "target.json", {
             "host": host, "read_url": f"http://[::1]:{sim.port}/archive/ps/", "meshes": ["x"]})
-        assert runner.collect_host(cfg, host) == OK
+        assert runner.collect_host(cfg, host) == Exit.OK
         assert len(arrived(bus.drain())) == 72  # 12 h of 10-minute points
         assert all(r.path.startswith("/archive/ps/") for r in h.requests())
 
@@ -176,17 +178,17 @@ def test_https_with_client_certificate_and_fallback_to_http(bus, tmp_path):
         host = f"localhost:{sim.port}"
         ok = make_cfg(tmp_path, bus, archive={"schemes": "https", "verify": pki.ca,
                                                "cert": pki.client_cert, "key": pki.client_key})
-        assert runner.collect_host(ok, host) == OK
+        assert runner.collect_host(ok, host) == Exit.OK
         assert len(arrived(bus.drain())) == 72
         assert checkpoint.load(ok.collect.state_dir, host).scheme == "https"
         nocert = make_cfg(tmp_path / "n", bus, archive={"schemes": "https", "verify": pki.ca})
-        assert runner.collect_host(nocert, host) == 1
+        assert runner.collect_host(nocert, host) == Exit.ARCHIVE
         assert bus.drain() == []
     with EsmondSim() as plain:  # https refused (plain HTTP server): falls back, remembers http
         plain.host("localhost").add_test("throughput", event_types=["throughput"], step=600)
         host = f"localhost:{plain.port}"
         cfg = make_cfg(tmp_path / "f", bus, archive={"schemes": "https, http"})
-        assert runner.collect_host(cfg, host) == OK
+        assert runner.collect_host(cfg, host) == Exit.OK
         assert checkpoint.load(cfg.collect.state_dir, host).scheme == "http"
 
 
@@ -196,7 +198,7 @@ def test_a_second_collect_of_the_same_host_exits_0_at_once(sim, bus, tmp_path, c
     cfg = make_cfg(tmp_path, bus)
     state.host_dir(cfg.collect.state_dir, host).mkdir(parents=True)
     with state.host_lock(cfg.collect.state_dir, host):
-        assert runner.collect_host(cfg, host) == OK
+        assert runner.collect_host(cfg, host) == Exit.OK
     assert bus.drain() == []
     assert any("another collect of this host is running" in r.getMessage() for r in caplog.records)
     assert sim.host("localhost").requests() == []
@@ -223,7 +225,7 @@ def test_broker_down_fails_with_one_line_and_keeps_the_checkpoint(sim, tmp_path,
     sim.host("localhost").add_test("throughput", step=600)
     host = f"localhost:{sim.port}"
     cfg = make_cfg(tmp_path, None, broker={"url": "amqp://guest:guest@127.0.0.1:1/"})
-    assert runner.collect_host(cfg, host) == BROKER_FAILED
+    assert runner.collect_host(cfg, host) == Exit.BROKER
     assert checkpoint.load(cfg.collect.state_dir, host).pairs == {}
     errors = [r.getMessage() for r in caplog.records
               if r.levelno >= logging.ERROR and r.name.startswith("psprobe")]

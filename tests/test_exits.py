@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from psprobe import collect, exits, metrics, runner
+from psprobe import exits, metrics
 from psprobe.exits import Exit
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -49,27 +49,46 @@ def test_every_status_has_its_words_and_a_distinct_value():
     assert not {3, 4} & {int(e) for e in Exit}
 
 
-def test_old_names_are_the_enum():
-    assert (collect.OK, collect.ARCHIVE_FAILED, collect.CONFIG_ERROR, collect.BROKER_FAILED,
-            collect.STATE_FAILED, collect.STOPPED, runner.BUSY) == (
-        Exit.OK, Exit.ARCHIVE, Exit.CONFIG, Exit.BROKER, Exit.STATE, Exit.STOPPED, Exit.BUSY)
+def test_the_enum_writes_as_its_number():
     # as the history file, the metrics and a log line write them, on every Python
     assert str(Exit.BROKER) == "69" and f"{Exit.STATE}" == "74" and json.dumps(Exit.CONFIG) == "78"
 
 
+def test_the_other_commands_1_is_row_1():
+    """sync's failed mesh, status's alarm and the tools' failure are the table's row 1
+    (aliases: the table lists 1 once), and that row and the README's sentence on the
+    other commands say so."""
+    assert Exit.MESH is Exit.ALARM is Exit.FAILURE is Exit.ARCHIVE
+    assert [int(e) for e in Exit].count(1) == 1
+    assert "sync: a mesh could not be read" in exits.README_ROWS[Exit.MESH]
+    section = README.read_text().split("### Exit status of `psprobe collect`", 1)[1]
+    section = " ".join(section.split("\n### ", 1)[0].split())
+    assert "`psprobe status` exits 1 when a host fails or lags" in section
+    assert "`psprobe report` when its mail could not be sent" in section
+
+
 def test_metrics_help_names_the_statuses_a_run_records():
+    """The help text of psprobe_collect_last_status is the enum's: each status a run can
+    record, with its word, and no other."""
     _, text = metrics.HOST_METRICS["psprobe_collect_last_status"]
+    listed = re.search(r"\((.*)\)", text).group(1)
+    assert listed == exits.describe(exits.RUN)
+    pairs = [p.split(" ", 1) for p in listed.split(", ")]
+    assert [(int(v), w) for v, w in pairs] == [(int(e), e.name.lower()) for e in exits.RUN]
+    assert set(exits.RUN) == set(Exit) - {Exit.USAGE, Exit.BUSY}  # those end a process before a run
     assert "69 broker" in text and "74 state" in text and "78 config" in text
     assert re.search(r"\b[34] (broker|state)\b", text) is None
 
 
 def test_no_literal_exit_status_left_in_the_code():
-    """Statuses come from psprobe.exits: no sys.exit(3), _fail(..., 4), status = 2 in psprobe/."""
+    """Statuses come from psprobe.exits: no sys.exit(3), _fail(..., 4), status = 2 in psprobe/,
+    nor an exit with a bare 0 or 1 (``sys.exit(1 if ... else 0)``, ``_fail(..., 1)``)."""
     bad = re.compile(r"(sys\.exit\(|_fail\(.*, |\.status = |status=|return )([2-9]|[1-9]\d+)\)?\s*$")
+    bare = re.compile(r"sys\.exit\((\d|\d+ if .* else \d+)\)|_fail\(.*, \d+\)\s*$")
     found = []
     for f in sorted((ROOT / "psprobe").glob("*.py")):
         for n, line in enumerate(f.read_text().splitlines(), 1):
-            if bad.search(line):
+            if bad.search(line) or bare.search(line):
                 found.append(f"{f.name}:{n}: {line.strip()}")
     assert found == []
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import copy
 import json
 import random
-import time
 from pathlib import Path
 
 import pytest
@@ -691,7 +690,8 @@ def test_a_local_mesh_may_include_local_files(tmp_path):
 N = 100_000
 
 
-def test_100000_hosts_meshconfig_is_fast():
+def test_100000_hosts_meshconfig_all_found():
+    """Correctness at scale; the time it takes is in bench/scale.py."""
     hosts = [f"ps-{i}.site{i % 997}.example.org" for i in range(N)]
     doc = {
         "organizations": [{"sites": [{"hosts": [{"addresses": [h]} for h in hosts]}]}],
@@ -700,15 +700,13 @@ def test_100000_hosts_meshconfig_is_fast():
         ],
     }
     data = json.dumps(doc).encode()
-    t = time.perf_counter()
     res = discover(TOP, lambda url: data)
-    took = time.perf_counter() - t
     assert len(res.targets) == N and res.warnings == []
     assert res.targets["ps-99999.site299.example.org"] == https("ps-99999.site299.example.org")
-    assert took < 5, f"{took:.1f} s"
 
 
-def test_100000_hosts_psconfig_is_fast():
+def test_100000_hosts_psconfig_all_found():
+    """Correctness at scale; the time it takes is in bench/scale.py."""
     hosts = [f"ps-{i}.example.net" for i in range(N)]
     doc = {
         "addresses": {h: {"address": h} for h in hosts},
@@ -722,9 +720,6 @@ def test_100000_hosts_psconfig_is_fast():
         "tasks": {"t": {"group": "g", "test": "x", "archives": ["a"]}},
     }
     data = json.dumps(doc).encode()
-    t = time.perf_counter()
     res = discover(TOP, lambda url: data)
-    took = time.perf_counter() - t
     assert len(res.targets) == N and res.warnings == []
     assert res.targets["ps-5.example.net:8443"] == "https://ps-5.example.net:8443/esmond/perfsonar/archive/"
-    assert took < 5, f"{took:.1f} s"

@@ -63,7 +63,7 @@ def make_world(d: Path, sim: EsmondSim, exchange: str) -> World:
         hd.mkdir(parents=True)
         state.write_json_atomic(hd / "target.json", {"host": h, "read_url": sim.url(h),
                                                      "meshes": ["static"]})
-    units.apply(d / "units", [OK_HOST, LAG_HOST, DOWN_HOST], [], systemctl=False)
+    units.apply(d / "units", [OK_HOST, LAG_HOST, DOWN_HOST], [], systemctl=None)
     for h in (OK_HOST, LAG_HOST, DOWN_HOST):
         assert runner.collect_host(cfg, h) == 0
     sim.host(DOWN_HOST).fault("status", status=500, body="Internal Server Error")
@@ -145,7 +145,7 @@ def prepared(tmp_path: Path, now: float, hosts: dict[str, dict]) -> Path:
             state.write_json_atomic(hd / "checkpoint.json",
                                     {"version": 1, "pairs": {"k/throughput": spec["newest"]}})
     units.apply(tmp_path / "units", [h for h, s in hosts.items() if s.get("enabled", True)], [],
-                systemctl=False)
+                systemctl=None)
     return conf
 
 
@@ -217,9 +217,17 @@ def test_running_collect_and_pause_are_shown(tmp_path):
         out = cli(conf, "status").stdout
         assert out.splitlines()[1].split()[3] == "running"
     assert "running" not in cli(conf, "status").stdout
-    state.write_json_atomic(Path(cfg.collect.state_dir) / "paused.json", {"time": now - 120, "by": "op"})
-    out = cli(conf, "status").stdout
-    assert out.startswith("PAUSED since ") and "(2m ago)" in out.splitlines()[0]
+    pause(cfg.mesh.unit_dir)
+    out = cli(conf, "status").stdout  # no systemd here: the links say it
+    assert out.startswith("PAUSED: psprobe-timers.target is disabled and stopped; `psprobe resume`")
+    assert [h["timer"] for h in json.loads(cli(conf, "status", "--json").stdout)["hosts"]] == \
+        ["paused"]
+
+
+def pause(unit_dir: str) -> None:
+    """What `psprobe pause` leaves: the sync timer enabled under the disabled target."""
+    wants = Path(unit_dir) / units.WANTS
+    os.symlink(f"/usr/lib/systemd/system/{units.SYNC_TIMER}", wants / units.SYNC_TIMER)
 
 
 def test_unroutable_messages_of_the_last_run_are_shown_but_no_alarm(tmp_path):
@@ -415,17 +423,24 @@ def test_a_paused_or_stopped_timer_is_shown_as_such(tmp_path, under_systemd):
     assert timers == {"a.example": "on", "b.example": "stopped", "off.example": "off"}
     assert "1 host timer(s) not running though enabled (b.example): `psprobe resume` starts them" \
         in r.stdout
-    # `psprobe pause`: its marker, and every timer stopped
-    cfg = config.load(str(conf))
-    state.write_json_atomic(Path(cfg.collect.state_dir) / "paused.json", {"time": now - 60, "by": "op"})
+    # `psprobe pause`: the target disabled (its link gone), it and every timer stopped
+    pause(config.load(str(conf)).mesh.unit_dir)
     under_systemd(FakeSystemctl(timer_block("a.example", active="inactive"),
-                                timer_block("b.example", active="inactive")))
+                                timer_block("b.example", active="inactive"),
+                                f"Id={units.TARGET}\nActiveState=inactive\n"))
     r = cli(conf, "status")
+    assert r.stdout.startswith("PAUSED: ")
     timers = {ln.split()[0]: ln.split()[2] for ln in r.stdout.splitlines()[2:5]}
     assert timers == {"a.example": "paused", "b.example": "paused", "off.example": "off"}
     assert "not running though enabled" not in r.stdout
     js = json.loads(cli(conf, "status", "--json").stdout)
+    assert js["paused"] is True
     assert {h["host"]: h["timer"] for h in js["hosts"]}["a.example"] == "paused"
+    # Disabled without --now: the target still runs its timers until the next boot.
+    under_systemd(FakeSystemctl(timer_block("a.example"), timer_block("b.example"),
+                                f"Id={units.TARGET}\nActiveState=active\n"))
+    r = cli(conf, "status")
+    assert not r.stdout.startswith("PAUSED") and r.stdout.splitlines()[1].split()[2] == "on"
 
 
 def test_a_failed_mesh_is_an_alarm_naming_it(tmp_path):

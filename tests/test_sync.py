@@ -14,7 +14,7 @@ from conftest import ROOT, write_config
 from psprobe import config, state
 from psprobe import sync as msync
 
-WANTS = "timers.target.wants"
+WANTS = "psprobe-timers.target.wants"
 
 
 def meshconfig(*hosts: str) -> str:

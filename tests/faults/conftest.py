@@ -160,6 +160,31 @@ class _Capture(logging.Handler):
         self.lines.append(f"{record.levelname}: {record.getMessage()}")
 
 
+class Observed:
+    """An outlet around another that calls ``progress(self)`` after each confirmed message,
+    ``messages`` counting them (a fault test acts at a known point of the run)."""
+
+    def __init__(self, inner: Any, progress: Callable[[Observed], None]) -> None:
+        self.inner, self.progress, self.messages = inner, progress, 0
+
+    def send(self, msg: Any, confirmed: Callable[[], None]) -> None:
+        def seen() -> None:
+            confirmed()
+            self.messages += 1
+            self.progress(self)
+
+        self.inner.send(msg, seen)
+
+    def flush(self) -> None:
+        self.inner.flush()
+
+    def close(self) -> None:
+        self.inner.close()
+
+    def __getattr__(self, name: str) -> Any:  # routed_keys, unroutable: the inner outlet's
+        return getattr(self.inner, name)
+
+
 class Lab:
     """Archive hosts on one simulator, a fault bus, a state dir and a config file."""
 
@@ -228,8 +253,12 @@ class Lab:
 
     # -- running
     def run(self, host: str, progress: Callable | None = None, **extra: dict[str, Any]) -> Run:
-        """One in-process ``psprobe collect HOST``: exit status and every log line."""
-        from psprobe import collect as pcollect
+        """One in-process ``psprobe collect HOST``: exit status and every log line.
+
+        ``progress(seen)`` is called after each confirmed message (``seen.messages``
+        of them so far): the run's broker outlet is wrapped in an :class:`Observed`
+        one, passed in through the envelope's outlet factory.
+        """
         from psprobe import config, runner
 
         self.write(**extra)
@@ -239,13 +268,13 @@ class Lab:
         old_level = lg.level
         lg.addHandler(cap)
         lg.setLevel(logging.INFO)
-        orig = pcollect.collect
+        outlet = None
         if progress is not None:
-            runner.collect = lambda *a, **k: orig(*a, progress=progress, **k)
+            def outlet(cfg, cp):
+                return Observed(runner.broker_outlet(cfg, cp), progress)
         try:
-            status = runner.collect_host(cfg, host)
+            status = runner.collect_host(cfg, host, outlet=outlet)
         finally:
-            runner.collect = orig
             lg.removeHandler(cap)
             lg.setLevel(old_level)
         if extra:
