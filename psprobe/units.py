@@ -34,7 +34,7 @@ import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
-from psprobe import hostnames
+from psprobe import hostnames, state
 
 log = logging.getLogger("psprobe.units")
 
@@ -227,17 +227,11 @@ def _read_dropin(path: Path) -> str | None:
 
 
 def _write_dropin(path: Path, text: str) -> None:
-    """Make ``path`` hold ``text``: 0644, atomically."""
+    """Make ``path`` hold ``text``: exactly 0644 whatever sync's umask, atomically (by
+    psprobe.state's one writer; not fsynced: a drop-in lost in a crash is written again
+    by the next sync, and systemd reads it only at the reload that follows)."""
     _make_dir(path.parent)
-    tmp = path.parent / f".{path.name}.tmp"
-    with contextlib.suppress(FileNotFoundError):
-        tmp.unlink()
-    # Created 0644 & ~umask, never group-writable even for an instant, then 0644.
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
+    state.write_atomic(path, text.encode("utf-8"), 0o644, durable=False)
 
 
 def _remove_dropin(d: Path) -> bool:

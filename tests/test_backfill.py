@@ -32,7 +32,11 @@ def sim():
 
 
 def make_world(tmp_path: Path, sim: EsmondSim, bus, *, hours: float, chunk: int = 200):
-    """An archive of ``hours`` of points (every STEP s) per series; one regular collect done."""
+    """An archive of ``hours`` of points (every STEP s) per series; one regular collect done.
+
+    With ``bus`` None there is no broker: the regular collect goes to a :class:`Confirming`,
+    returned in place of the drained messages.
+    """
     now = int(time.time())
     now -= now % STEP
     h = sim.host("localhost")
@@ -42,13 +46,19 @@ def make_world(tmp_path: Path, sim: EsmondSim, bus, *, hours: float, chunk: int 
     conf = write_config(tmp_path / "psprobe.conf", {
         "collect": {"state_dir": tmp_path / "state", "chunk_points": chunk, "first_run_lookback": "3d"},
         "archive": {"schemes": "http", "retries": 0, "timeout": "5s"},
-        "broker": {"url": AMQP_URL, "exchange": bus.exchange},
+        # offline: never connected, the outlets are given
+        "broker": {"url": AMQP_URL, "exchange": bus.exchange} if bus else
+                  {"url": "amqp://nobody@127.0.0.1:1/"},
         "metrics": {"textfile_dir": ""},
     })
     cfg = config.load(str(conf))
+    if bus is None:
+        regular = Confirming()
+        assert runner.collect_host(cfg, host, outlet=regular) == Exit.OK
+        assert regular.sent and regular.closed == 1
+        return h, host, conf, cfg, regular, now
     assert runner.collect_host(cfg, host) == 0
-    regular = bus.drain()
-    return h, host, conf, cfg, regular, now
+    return h, host, conf, cfg, bus.drain(), now
 
 
 def points(msgs) -> list[tuple[str, str, int]]:
@@ -278,23 +288,8 @@ class Confirming:
 
 
 def offline_world(tmp_path: Path, sim: EsmondSim, *, hours: float, chunk: int = 200):
-    """As :func:`make_world`, with no broker: the regular collect goes to a Confirming."""
-    now = int(time.time())
-    now -= now % STEP
-    h = sim.host("localhost")
-    h.add_test("throughput", start=now - int(hours * 3600) + STEP, step=STEP,
-               count=int(hours * 3600) // STEP)
-    host = f"localhost:{sim.port}"
-    conf = write_config(tmp_path / "psprobe.conf", {
-        "collect": {"state_dir": tmp_path / "state", "chunk_points": chunk, "first_run_lookback": "3d"},
-        "archive": {"schemes": "http", "retries": 0, "timeout": "5s"},
-        "broker": {"url": "amqp://nobody@127.0.0.1:1/"},  # never connected: outlets are given
-        "metrics": {"textfile_dir": ""},
-    })
-    cfg = config.load(str(conf))
-    regular = Confirming()
-    assert runner.collect_host(cfg, host, outlet=regular) == Exit.OK
-    assert regular.sent and regular.closed == 1
+    """As :func:`make_world`, with no broker."""
+    h, host, _conf, cfg, regular, now = make_world(tmp_path, sim, None, hours=hours, chunk=chunk)
     return h, host, cfg, regular, now
 
 
