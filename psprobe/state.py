@@ -150,25 +150,35 @@ def open_dir(root: str | Path, *parts: str, create: bool = False) -> int:
     OSError (with the full path) for anything else.
     """
     path = Path(root)
-    if create:
+    try:
+        fd = os.open(path, _DIR)
+    except FileNotFoundError:
+        if not create:
+            raise
         os.makedirs(path, exist_ok=True)
-    fd = os.open(path, _DIR)
+        fd = os.open(path, _DIR)
     try:
         for part in parts:
             path = path / part
-            if create:
+            # Opened first, made only when missing: sync opens 2 000 existing host
+            # directories per run, and a mkdir that fails costs as much as one that works.
+            for attempt in (1, 2):
+                try:
+                    sub = os.open(part, _DIR | os.O_NOFOLLOW, dir_fd=fd)
+                    break
+                except FileNotFoundError as e:
+                    if not create or attempt == 2:
+                        raise _named(e, path) from None
+                except OSError as e:
+                    if e.errno in (errno.ELOOP, errno.ENOTDIR):
+                        _refuse_link(fd, part, path)
+                    raise _named(e, path) from None
                 try:
                     os.mkdir(part, dir_fd=fd)
                 except FileExistsError:
-                    pass  # mkdir never follows a link: a dangling one stays dangling
+                    pass  # made meanwhile; or a dangling link (mkdir never follows one): refused above
                 except OSError as e:
                     raise _named(e, path) from None
-            try:
-                sub = os.open(part, _DIR | os.O_NOFOLLOW, dir_fd=fd)
-            except OSError as e:
-                if e.errno in (errno.ELOOP, errno.ENOTDIR):
-                    _refuse_link(fd, part, path)
-                raise _named(e, path) from None
             os.close(fd)
             fd = sub
     except BaseException:

@@ -190,6 +190,11 @@ def _link(wants: Path, name: str, target: Path) -> bool:
     """Point ``wants/name`` at ``target``; True when that changed anything."""
     path = wants / name
     try:
+        os.symlink(target, path)  # the common case, a new host: one call
+        return True
+    except FileExistsError:
+        pass
+    try:
         if os.readlink(path) == str(target):
             return False
     except FileNotFoundError:
