@@ -14,13 +14,11 @@ from __future__ import annotations
 
 import functools
 import logging
-import queue
 import threading
 import time
 from collections.abc import Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from psprobe import state
 from psprobe.archive import Archive, ArchiveError, Pair, unreachable
@@ -30,6 +28,9 @@ from psprobe.exits import Exit
 from psprobe.messages import Encoder, Message, meta_for
 from psprobe.publish import BrokerError, Outlet
 from psprobe.state import StateError
+
+if TYPE_CHECKING:
+    import queue
 
 log = logging.getLogger("psprobe.collect")
 
@@ -236,6 +237,10 @@ def _run(arch: Archive, todo: list[_Todo], now: int, cfg: Config, outlet: Outlet
          cp: Checkpoint | None, res: Result) -> None:
     if not todo:
         return
+    # Here, not at the top: most runs find nothing new and start no fetch thread.
+    import queue
+    from concurrent.futures import ThreadPoolExecutor
+
     prefix, chunk = cfg.broker.routing_key_prefix, cfg.collect.chunk_points
     q: queue.Queue = queue.Queue(maxsize=2 * cfg.archive.parallel)
     stop = threading.Event()
@@ -308,6 +313,8 @@ def _unsent(pages: Iterable[list[tuple[int, Any]]], t: _Todo,
 
 def _consume(q: queue.Queue, todo: list[_Todo], arch: Archive, cfg: Config, outlet: Outlet,
              cp: Checkpoint | None, res: Result) -> None:
+    import queue  # loaded by _run, its only caller
+
     first_error = None
     pending, gone, give_up = len(todo), 0, cfg.archive.give_up_after
     deadline = arch.deadline or float("inf")

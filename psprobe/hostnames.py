@@ -11,7 +11,6 @@ different, valid one.
 
 from __future__ import annotations
 
-import ipaddress
 import re
 
 # "psprobe@" + instance + ".service" must fit systemd's 255-character unit names.
@@ -64,6 +63,8 @@ def normalise(name: str) -> str:
 def _ipv6(text: str) -> str:
     """RFC 5952 text, spelled out here: Python 3.13 changed how ``str()`` writes
     IPv4-mapped addresses, and a key must not change with the interpreter."""
+    import ipaddress  # here: most keys are DNS names, and every run parses its own
+
     try:
         hextets = [int(h, 16) for h in ipaddress.IPv6Address(text).exploded.split(":")]
     except ValueError:

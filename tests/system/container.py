@@ -368,6 +368,10 @@ def install_psprobe(c: Container, config: str, repo: Path = REPO) -> None:
     dest = c.path(f"/{SITE}/psprobe")
     shutil.rmtree(dest, ignore_errors=True)
     shutil.copytree(repo / "psprobe", dest, ignore=shutil.ignore_patterns("__pycache__"))
+    # Byte-compiled inside, by the container's Python, as the RPM's %py_byte_compile does:
+    # the units set PYTHONDONTWRITEBYTECODE, so without it every run compiles psprobe anew
+    # (about 20 ms of CPU per run, which would inflate the fleet's figures).
+    c.run(["python3", "-m", "compileall", "-q", f"/{SITE}/psprobe"], check=True)
     shutil.copy2(repo / "bin" / "psprobe", c.path("/usr/bin/psprobe"))
     os.chmod(c.path("/usr/bin/psprobe"), 0o755)
     for unit in sorted((repo / "units").iterdir()):
