@@ -59,7 +59,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from pathlib import Path
 
 from _common import AMQP_URL, ROOT, machine
@@ -77,19 +77,6 @@ SYNC = "psprobe-sync.service"
 
 
 # --- the world: archives, mesh, container
-
-
-class _Mesh(BaseHTTPRequestHandler):
-    def do_GET(self) -> None:
-        body = json.dumps(self.server.doc).encode()  # type: ignore[attr-defined]
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *args: object) -> None:
-        pass
 
 
 def meshconfig(urls: dict[str, str]) -> dict:
@@ -513,7 +500,7 @@ def main() -> int:
         series = archives(sim, names, args.series, interval)
         urls = {nm: f"http://{nm}:{sim.port}/esmond/perfsonar/archive/" for nm in names}
         hosts = {nm: f"{nm}:{sim.port}" for nm in names}
-        mesh = ThreadingHTTPServer(("127.0.0.1", 0), _Mesh)
+        mesh = ThreadingHTTPServer(("127.0.0.1", 0), ct.MeshHandler)
         mesh.doc = meshconfig({nm: urls[nm] for nm in names[:n]})  # type: ignore[attr-defined]
         threading.Thread(target=mesh.serve_forever, kwargs={"poll_interval": 0.05},
                          daemon=True).start()

@@ -16,6 +16,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import errno
+import json
 import os
 import shlex
 import shutil
@@ -24,6 +25,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import TypeVar
 
@@ -391,3 +393,23 @@ def install_psprobe(c: Container, config: str, repo: Path = REPO) -> None:
     c.run(["install", "-d", "-m", "0755", "/etc/psprobe", "/etc/psprobe/conf.d"], check=True)
     c.write("/etc/psprobe/psprobe.conf", config, mode=0o640, owner="root:psprobe")
     c.systemctl("daemon-reload", check=True)
+
+
+class MeshHandler(BaseHTTPRequestHandler):
+    """A mesh on loopback, changeable between syncs: serves the server's ``doc`` as JSON,
+    at the server's ``path`` only when it has one (any other path, a typo, is a 404)."""
+
+    def do_GET(self) -> None:
+        want = getattr(self.server, "path", None)
+        if want is not None and self.path != want:
+            self.send_error(404)
+            return
+        body = json.dumps(self.server.doc).encode()  # type: ignore[attr-defined]
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: object) -> None:
+        pass

@@ -24,14 +24,14 @@ import socket
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 
 import pytest
 
 from psprobe import hostnames
 
 from .conftest import BASE_CONFIG
-from .container import Container
+from .container import Container, MeshHandler
 from .test_systemd import meshconfig
 
 NAMES = ["fw-1.example.sim", "fw-2.example.sim", "fw-3.example.sim"]
@@ -56,24 +56,6 @@ def timer(host: str) -> str:
 
 def service(host: str) -> str:
     return f"psprobe@{hostnames.unit_instance(host)}.service"
-
-
-class _Mesh(BaseHTTPRequestHandler):
-    """The mesh at /mesh.json only: any other path (a typo) is a 404."""
-
-    def do_GET(self) -> None:
-        if self.path != "/mesh.json":
-            self.send_error(404)
-            return
-        body = json.dumps(self.server.doc).encode()  # type: ignore[attr-defined]
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *args: object) -> None:
-        pass
 
 
 @dataclass
@@ -131,10 +113,11 @@ def site(container: Container) -> Iterator[Site]:
     s.bind(("127.0.0.1", 0))
     closed = s.getsockname()[1]  # nothing listens: no run of these hosts is started by a timer
     s.close()
-    mesh = ThreadingHTTPServer(("127.0.0.1", 0), _Mesh)
+    mesh = ThreadingHTTPServer(("127.0.0.1", 0), MeshHandler)
     threading.Thread(target=mesh.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
     archives = {n: f"http://{n}:{closed}/esmond/perfsonar/archive/" for n in NAMES}
     mesh.doc = meshconfig(archives)  # type: ignore[attr-defined]
+    mesh.path = "/mesh.json"  # type: ignore[attr-defined]  (a typo in the URL is a 404)
     site = Site(c, mesh, archives, {n: f"{n}:{closed}" for n in NAMES})
     _clean(c)
     try:

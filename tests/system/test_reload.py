@@ -42,8 +42,8 @@ from esmond_sim import EsmondSim  # tests/ is on sys.path (tests/conftest.py)
 from psprobe import units
 
 from .conftest import BASE_CONFIG
-from .container import Container, wait_until
-from .test_systemd import _MeshHandler, meshconfig
+from .container import Container, MeshHandler, wait_until
+from .test_systemd import meshconfig
 
 HOSTS = 20
 INTERVAL = 60
@@ -156,7 +156,7 @@ def world(container: Container) -> Iterator[World]:
     c = container
     sim = EsmondSim("127.0.0.1", 0, default_host="reload.example.sim").start()
     sim.host("reload.example.sim")  # no tests: a run reads the metadata, sends nothing
-    mesh = ThreadingHTTPServer(("127.0.0.1", 0), _MeshHandler)
+    mesh = ThreadingHTTPServer(("127.0.0.1", 0), MeshHandler)
     threading.Thread(target=mesh.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
     w = World(c, sim, mesh)
     names = [f"rl-{i:02d}.example.sim" for i in range(HOSTS + 1)]  # the last one joins later

@@ -37,8 +37,8 @@ from test_rpm import build_requires, check_script, make_topdir, rpmbuild, versio
 from psprobe import hostnames
 from psprobe.exits import SYSTEMD, Exit
 
-from .container import Container, wait_until
-from .test_systemd import TIMER_DROPIN, Bus, _MeshHandler, meshconfig
+from .container import Container, MeshHandler, wait_until
+from .test_systemd import TIMER_DROPIN, Bus, meshconfig
 
 HOSTS = ["ps-rpm-a.example.sim", "ps-rpm-b.example.sim"]
 README = Path(__file__).resolve().parents[2] / "README.md"
@@ -188,7 +188,7 @@ class World:
 def world(bare_container: Container, rpms: Rpms) -> Iterator[World]:
     c = bare_container
     sim = EsmondSim("127.0.0.1", 0).start()
-    mesh = ThreadingHTTPServer(("127.0.0.1", 0), _MeshHandler)
+    mesh = ThreadingHTTPServer(("127.0.0.1", 0), MeshHandler)
     threading.Thread(target=mesh.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
     bus = Bus()
     try:

@@ -19,14 +19,14 @@ import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 
 import pytest
 from esmond_sim import EsmondSim  # tests/ is on sys.path (tests/conftest.py)
 
 from psprobe import hostnames, units
 
-from .container import Container, wait_until
+from .container import Container, MeshHandler, wait_until
 
 AMQP = "amqp://guest:guest@127.0.0.1:5672/%2F?heartbeat=0"
 GOOD = ["ps-east.example.sim", "perfsonar2.example.sim", "ps-west-1.example.sim"]
@@ -53,19 +53,6 @@ def service(host: str) -> str:
 
 
 # --- a mesh on loopback, changeable between syncs
-
-
-class _MeshHandler(BaseHTTPRequestHandler):
-    def do_GET(self) -> None:
-        body = json.dumps(self.server.doc).encode()  # type: ignore[attr-defined]
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *args: object) -> None:
-        pass
 
 
 def meshconfig(archives: dict[str, str]) -> dict:
@@ -173,7 +160,7 @@ class World:
 @pytest.fixture(scope="module")
 def world(container: Container) -> Iterator[World]:
     sim = EsmondSim("127.0.0.1", 0).start()
-    mesh = ThreadingHTTPServer(("127.0.0.1", 0), _MeshHandler)
+    mesh = ThreadingHTTPServer(("127.0.0.1", 0), MeshHandler)
     threading.Thread(target=mesh.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
     bus = Bus()
     w = World(container, sim, mesh, bus)

@@ -38,8 +38,9 @@ from test_rpm import MACROS, make_topdir, rpmbuild
 from psprobe import hostnames, units
 
 from . import container as ct
+from .container import MeshHandler
 from .test_rpm_install import UPDATE_HELPER, erase, host_rpm, install, upgrade
-from .test_systemd import _MeshHandler, meshconfig
+from .test_systemd import meshconfig
 
 # The commit before psprobe-timers.target (issue 13), when no session base is given.
 OLD_COMMIT = "b1b647af7d58578aad0bcf05eaa23bcaf7eea5de"
@@ -138,7 +139,7 @@ class Site:
 @contextlib.contextmanager
 def _site(system_root: Path, rpms: Rpms) -> Iterator[Site]:
     """A container of its own with the mesh of NAMES on loopback; nothing installed yet."""
-    mesh = ThreadingHTTPServer(("127.0.0.1", 0), _MeshHandler)
+    mesh = ThreadingHTTPServer(("127.0.0.1", 0), MeshHandler)
     threading.Thread(target=mesh.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
     try:
         with ct.booted(system_root) as c:
