@@ -180,6 +180,13 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / TICK
 
 
+def cpu_times() -> list[int]:
+    """The machine's CPU time so far (/proc/stat "cpu" line: user nice system idle iowait
+    irq softirq steal ...), in ticks."""
+    with open("/proc/stat") as f:
+        return [int(x) for x in f.readline().split()[1:]]
+
+
 def broker_cpu() -> float:
     """CPU seconds of the local RabbitMQ (beam.smp) so far, or NaN."""
     for stat in Path("/proc").glob("[0-9]*/stat"):
@@ -554,10 +561,10 @@ def main() -> int:
         # 2. the observed interval(s)
         sampler.stretch = "observed"
         pid1_0, slice_0, jd_0 = cpu_seconds(c.leader), usage_seconds(slice_dir), cpu_seconds(journald)
-        self_0, broker_0 = resource.getrusage(resource.RUSAGE_SELF), broker_cpu()
+        self_0, broker_0, machine_0 = resource.getrusage(resource.RUSAGE_SELF), broker_cpu(), cpu_times()
         time.sleep(max(0.0, w1 - time.time()))
         pid1_1, slice_1, jd_1 = cpu_seconds(c.leader), usage_seconds(slice_dir), cpu_seconds(journald)
-        self_1, broker_1 = resource.getrusage(resource.RUSAGE_SELF), broker_cpu()
+        self_1, broker_1, machine_1 = resource.getrusage(resource.RUSAGE_SELF), broker_cpu(), cpu_times()
         load = Path("/proc/loadavg").read_text().split()[:3]
         pid1_rss = ct.rss_kb(c.leader) / 1024
         sampler.stretch = "drain"
@@ -609,6 +616,10 @@ def main() -> int:
           f"journald {jd_cpu:.1f}s ({1000 * jd_cpu / per:.1f} ms per run)")
     print(f"  on the same cores: simulator (this process) {sim_cpu:.1f}s, "
           f"RabbitMQ {broker_1 - broker_0:.1f}s; load average at the end {' '.join(load)}")
+    ticks = [b - a for a, b in zip(machine_0, machine_1)]
+    print(f"  the whole machine: {100 * (sum(ticks) - ticks[3] - ticks[4]) / max(sum(ticks), 1):.0f}% "
+          f"busy over the window, {100 * ticks[7] / max(sum(ticks), 1):.1f}% stolen by the hypervisor "
+          f"(psprobe and PID 1 alone: {100 * (slice_cpu + pid1_cpu) / seconds / (os.cpu_count() or 1):.0f}%)")
     print(f"  PID 1 at the end: RSS {pid1_rss:.1f} MB, {loaded} units loaded, {mounts} mounts")
 
     cores = (slice_cpu + pid1_cpu) / seconds
