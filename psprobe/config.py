@@ -292,6 +292,57 @@ class Report:
     smtp_password_file: str = _k("", _path)
 
 
+def _size(text: str) -> int:
+    """A size in bytes: ``64k``, ``10M``, ``1G`` (powers of 1024), or plain bytes."""
+    t = text.strip()
+    m = re.fullmatch(r"(\d+)\s*([kKmMgG]?)[bB]?", t)
+    if not m:
+        raise ValueError(f"not a size (like 10M or 1G): {t!r}")
+    return int(m.group(1)) << {"": 0, "k": 10, "m": 20, "g": 30}[m.group(2).lower()]
+
+
+def _listen(text: str) -> tuple[str, int]:
+    """``[ADDRESS]:PORT`` or ``PORT`` (all addresses)."""
+    t = text.strip()
+    host, sep, port = t.rpartition(":")
+    if not sep:
+        host, port = "", t
+    host = host.strip("[]")
+    if not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"not [ADDRESS:]PORT: {t!r}")
+    return host, int(port)
+
+
+@dataclass(frozen=True)
+class Receive:
+    """``psprobe receive``: the endpoint pScheduler's http archiver pushes runs to."""
+
+    # Where `psprobe receive` listens when systemd passes it no socket (psprobe-receive.socket
+    # has its own ListenStream=, the same port by default).
+    listen: tuple[str, int] = _k("8443", _listen)
+    # The URL testpoints are given (their pSConfig http archive's _url): sync takes a mesh
+    # host whose http archiver points here for a pushing host (no timer).
+    url: str = _k("", _str)
+    # TLS with the host's certificate; plain HTTP only when asked (behind a TLS proxy).
+    certificate: str = _k("/etc/grid-security/hostcert.pem", _path)
+    key: str = _k("/etc/grid-security/hostkey.pem", _path)
+    plain_http: bool = _k("no", _bool)
+    # CA bundle for TLS client certificates: set, a client must show one whose name is
+    # the pushing host's.
+    client_ca: str = _k("", _path)
+    # "host token" lines (root:psprobe 0640); "* token" is a token any allowed host may use.
+    tokens: str = _k("/etc/psprobe/tokens", _path)
+    # Hosts allowed to push besides those of the meshes (sync's host set).
+    hosts: tuple[str, ...] = _k("", _list)
+    max_body: int = _k("16M", _size)
+    # Accepted runs wait here (fsynced) for the broker; at this size new pushes get 503.
+    spool_max: int = _k("1G", _size)
+    # A pushing host with nothing received for this long alarms like a lagging pulled host.
+    silent_after: float = _k("1h", _duration_range(60, 365 * 86400))
+    # Every request ends within this, however slowly its bytes come.
+    request_timeout: float = _k("30s", _duration_range(1, 3600))
+
+
 SECTIONS: dict[str, type] = {
     "collect": Collect,
     "archive": Archive,
@@ -299,6 +350,7 @@ SECTIONS: dict[str, type] = {
     "mesh": Mesh,
     "metrics": Metrics,
     "report": Report,
+    "receive": Receive,
 }
 # In [host NAME] a plain key means the first of these sections that has it.
 HOST_SECTIONS = ("collect", "archive")
@@ -314,6 +366,7 @@ class Config:
     mesh: Mesh = field(default_factory=Mesh)
     metrics: Metrics = field(default_factory=Metrics)
     report: Report = field(default_factory=Report)
+    receive: Receive = field(default_factory=Receive)
     files: tuple[str, ...] = ()
     # host -> {(section, key): (value, origin)}; origin is "file: [host X]" for messages
     overrides: dict[str, dict[tuple[str, str], Any]] = field(default_factory=dict)

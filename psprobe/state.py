@@ -15,6 +15,9 @@ below)::
                                   checkpoint here is stale; its next collect starts afresh
     hosts/<host>/.<file>.*tmp     a write in progress (:func:`write_at`); collect sweeps its own
     meshes/<digest>.json          last good host list of each mesh URL (:func:`mesh_cache`)
+    hosts/<host>/received.json    written by receive: a pushing host's tallies
+    spool/                        written by receive: pushed runs' messages until the broker
+                                  confirms them (psprobe.spool: NNNN.seg, position.json, lock)
     sync.json                     sync's own record (last run, host set, changes)
     sync.lock                     flock(2) held by a sync
 
@@ -69,9 +72,11 @@ LOCK = "lock"
 SYNC = "sync.json"
 SYNC_LOCK = "sync.lock"
 MOVED = "moved.json"
+RECEIVED = "received.json"  # a pushing host's tallies (psprobe receive)
+SPOOL = "spool"  # runs received, fsynced, waiting for the broker (psprobe.spool)
 
 # The files of a host directory, and those written in place (not by rename).
-HOST_FILES = (LOCK, CHECKPOINT, JOURNAL, COPY, HISTORY, TARGET, MOVED)
+HOST_FILES = (LOCK, CHECKPOINT, JOURNAL, COPY, HISTORY, TARGET, MOVED, RECEIVED)
 IN_PLACE = (LOCK, JOURNAL)
 
 _DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
@@ -118,6 +123,11 @@ def host_file(state_dir: str | Path, host: str, name: str) -> Path:
 def sync_file(state_dir: str | Path) -> Path:
     """Sync's own record."""
     return Path(state_dir) / SYNC
+
+
+def spool_dir(state_dir: str | Path) -> Path:
+    """Where ``psprobe receive`` keeps accepted runs until the broker confirms them."""
+    return Path(state_dir) / SPOOL
 
 
 def mesh_cache(state_dir: str | Path, url: str) -> Path:
@@ -191,6 +201,40 @@ def host_dir_fd(state_dir: str | Path, host: str, *, create: bool = False) -> in
     """An fd of the host's directory, opened without following any link below state_dir."""
     host_dir(state_dir, host)
     return open_dir(state_dir, "hosts", host, create=create)
+
+
+def new_host_dir_fd(state_dir: str | Path, host: str) -> int | None:
+    """An fd of the host's directory made by this call; None when it exists already.
+
+    Sync's fast path for a new host (one mkdir, no failed open before it); a
+    link in its place counts as existing, and :func:`host_dir_fd` then refuses it.
+    """
+    host_dir(state_dir, host)
+    hfd = open_dir(state_dir, HOSTS, create=True)
+    try:
+        try:
+            os.mkdir(host, 0o770, dir_fd=hfd)
+        except FileExistsError:
+            return None
+        return os.open(host, _DIR | os.O_NOFOLLOW, dir_fd=hfd)
+    finally:
+        os.close(hfd)
+
+
+def create_at(dir_fd: int, name: str, data: bytes, mode: int = 0o644, *, path: str | Path) -> None:
+    """Write a file that must not exist yet (``O_EXCL``, no link followed), not fsynced.
+
+    For a file in a directory just made: nothing to replace, so no temp and no
+    rename; a crash leaves it short, which its reader takes for damaged.
+    """
+    fd = open_file(dir_fd, name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode, path=path)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        os.fchmod(fd, mode)
+    finally:
+        os.close(fd)
 
 
 def make_host_dir(state_dir: str | Path, host: str) -> Path:
