@@ -193,7 +193,9 @@ def status(ctx: click.Context, hosts: tuple[str, ...], as_json: bool) -> None:
 
     Exit status 1 when a host is failing (its last run failed by its run record
     or by systemd's), lags more than [report] lag_alarm, or a mesh failed at
-    the last sync (so it serves as a check), 2 for an unknown host or a bad
+    the last sync (so it serves as a check); a host that pushes to psprobe
+    receive is failing when its last push was refused, and lagging when it has
+    been silent for [receive] silent_after. 2 for an unknown host or a bad
     configuration.
     """
     import json
@@ -219,19 +221,38 @@ def status(ctx: click.Context, hosts: tuple[str, ...], as_json: bool) -> None:
 def logs(ctx: click.Context, host: str, journalctl_args: tuple[str, ...]) -> None:
     """The journal of HOST's collects: journalctl -u psprobe@HOST.service [ARGS]...
 
-    HOST may leave out the port when one known host has that name. Any
-    journalctl option may follow (e.g. -f, --since today, -p warning);
-    journalctl pages on a terminal.
+    For a host that pushes its runs, psprobe receive's lines that name it:
+    journalctl -u psprobe-receive.service --grep=HOST [ARGS]... (filtered here,
+    without a pager, where journalctl has no --grep: systemd before 237 or
+    without PCRE2). HOST may leave out the port when one known host has that
+    name. Any journalctl option may follow (e.g. -f, --since today, -p
+    warning); journalctl pages on a terminal.
     """
     import subprocess
 
-    from psprobe import control
+    from psprobe import control, status
     from psprobe.exits import Exit
 
     cfg = _config(ctx)
-    cmd = control.journalctl_command(_known_host(cfg, host), journalctl_args)
+    host = _known_host(cfg, host)
+    grep = True
+    if status.pushes(cfg, host):
+        grep = control.journal_grep()
+        cmd = control.receive_journal_command(host, journalctl_args, grep=grep)
+    else:
+        cmd = control.journalctl_command(host, journalctl_args)
     try:
-        sys.exit(subprocess.call(cmd))
+        if grep:
+            sys.exit(subprocess.call(cmd))
+        with subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, errors="replace") as p:
+            try:
+                for line in control.filter_lines(p.stdout, host):
+                    sys.stdout.write(line)
+                    sys.stdout.flush()  # -f: each line as it comes
+            except KeyboardInterrupt:  # the end of a -f: journalctl too, then click's abort
+                p.terminate()
+                raise
+        sys.exit(p.returncode)
     except FileNotFoundError:
         _fail("journalctl not found: is this a systemd machine?", Exit.FAILURE)
 
@@ -396,3 +417,35 @@ def report(ctx: click.Context, since_text: str, to: tuple[str, ...], mail: bool,
         emitter.emit(out)
     except rp.ReportError as e:
         _fail(f"report: {e}", Exit.FAILURE)
+
+
+@main.command()
+@click.pass_context
+def receive(ctx: click.Context) -> None:
+    """Receive the runs perfSONAR testpoints push (pScheduler's http archiver) and publish
+    them like pulled ones, until SIGTERM/SIGINT.
+
+    What psprobe-receive.service runs (socket-activated by psprobe-receive.socket,
+    else it listens on [receive] listen). Each accepted run is spooled (fsynced)
+    before the 2xx answer, then forwarded to the broker with confirms. Run as
+    root, it runs as the owner of [collect] state_dir (psprobe). Exit status:
+    0 stopped cleanly, 74 spool unusable, 78 bad configuration (certificate or
+    key unreadable, tokens file unreadable, address in use).
+    """
+    import threading
+
+    from psprobe import receive as rcv
+    from psprobe import slots
+
+    cfg = _config(ctx)
+    slots.drop_to_owner(cfg.collect.state_dir)
+    stop = threading.Event()
+
+    def on_signal(signum: int, _frame: object) -> None:
+        log.info("receive: %s: finishing the requests under way, then stopping",
+                 signal.Signals(signum).name)
+        stop.set()
+
+    for s in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(s, on_signal)
+    sys.exit(rcv.serve(cfg, stop=stop))

@@ -158,6 +158,15 @@ def test_broker_secret_is_never_world_readable(files):
     assert set(secret.flags) >= {"c", "n"}, "an upgrade must never replace the password"
 
 
+def test_receiver_tokens_are_never_world_readable_and_none_ships(files):
+    tokens = files["/etc/psprobe/tokens"]
+    assert stat.S_IMODE(tokens.mode) == 0o640 and (tokens.user, tokens.group) == ("root", "psprobe")
+    assert set(tokens.flags) >= {"c", "n"}, "an upgrade must never replace the tokens"
+    # An example only: no push is accepted until the operator adds a token.
+    lines = (ROOT / "packaging" / "psprobe.tokens").read_text().splitlines()
+    assert all(not ln.strip() or ln.startswith("#") for ln in lines)
+
+
 def test_state_dir_agrees_with_the_units(files):
     """systemd chmods StateDirectory= at each start: a different packaged mode drifts (rpm -V)."""
     modes = set()
@@ -201,11 +210,14 @@ def test_scriptlets_carry_the_el9_systemd_macros(built):
     scripts = run("rpm", "-qp", "--scripts", built.rpm).stdout
     assert "%" not in scripts.replace("%%", ""), "an unexpanded macro is left:\n" + scripts
     assert (f"{HELPER} install-system-units psprobe-sync.timer psprobe-timers.target "
-            "psprobe-report.timer") in scripts
+            "psprobe-report.timer psprobe-receive.socket") in scripts
     assert (f"{HELPER} remove-system-units psprobe-sync.timer psprobe-sync.service "
-            "psprobe-timers.target psprobe-report.timer psprobe-report.service") in scripts
+            "psprobe-timers.target psprobe-report.timer psprobe-report.service "
+            "psprobe-receive.socket psprobe-receive.service") in scripts
     assert f"{HELPER} mark-restart-system-units psprobe-sync.timer psprobe-report.timer" \
         in scripts
+    # The receiver restarts into new code; its socket stays open meanwhile.
+    assert f"{HELPER} mark-restart-system-units psprobe-receive.service" in scripts
     postun = qf(built.rpm, "%{POSTUN}")
     assert "psprobe@" not in postun, "per-host timers must not restart"
     # Nor their parent: a restart of psprobe-timers.target restarts every timer PartOf= it.
@@ -275,7 +287,7 @@ def test_erase_stops_and_unlinks_every_per_host_timer(built):
     # Then their parent, which stops every host timer with it (PartOf=).
     assert calls[0] == ("systemd-update-helper remove-system-units psprobe-sync.timer "
                         "psprobe-sync.service psprobe-timers.target psprobe-report.timer "
-                        "psprobe-report.service")
+                        "psprobe-report.service psprobe-receive.socket psprobe-receive.service")
     assert "systemctl stop psprobe@*.timer psprobe@*.service psprobe.slice" in calls
     assert "systemctl reset-failed psprobe@* psprobe-*" in calls
     # One directory held sync's links: it is gone. (The target's own link in
@@ -291,14 +303,15 @@ def test_upgrade_keeps_per_host_timers_running_and_enabled(built):
     assert left >= ALL_LINKS
     left, calls = run_scriptlet(qf(built.rpm, "%{POSTUN}"), 1)
     assert calls == ["systemd-update-helper mark-restart-system-units psprobe-sync.timer "
-                     "psprobe-report.timer"]
+                     "psprobe-report.timer",
+                     "systemd-update-helper mark-restart-system-units psprobe-receive.service"]
     assert left >= ALL_LINKS
 
 
 def test_install_applies_the_preset_only_on_first_install(built):
     _, calls = run_scriptlet(qf(built.rpm, "%{POSTIN}"), 1)
     assert calls == ["systemd-update-helper install-system-units psprobe-sync.timer "
-                     "psprobe-timers.target psprobe-report.timer"]
+                     "psprobe-timers.target psprobe-report.timer psprobe-receive.socket"]
     _, calls = run_scriptlet(qf(built.rpm, "%{POSTIN}"), 2)
     assert calls == []
     _, calls = run_scriptlet(qf(built.rpm, "%{POSTUN}"), 0)
@@ -315,7 +328,7 @@ def extract(pkg: Path, dest: Path) -> Path:
 
 def enabled(root: Path) -> set[str]:
     found = set()
-    for d in ("timers.target.wants", "psprobe-timers.target.wants"):
+    for d in ("timers.target.wants", "psprobe-timers.target.wants", "sockets.target.wants"):
         wants = root / "etc/systemd/system" / d
         found |= {p.name for p in wants.iterdir()} if wants.is_dir() else set()
     return found
@@ -326,7 +339,8 @@ def test_preset_leaves_collection_off(built, tmp_path):
     file the same command would enable the timers, so the file is what keeps them off."""
     if shutil.which("systemctl") is None or shutil.which("rpm2cpio") is None:
         pytest.skip("needs systemctl and rpm2cpio")
-    timers = ["psprobe-sync.timer", "psprobe-timers.target", "psprobe-report.timer"]
+    timers = ["psprobe-sync.timer", "psprobe-timers.target", "psprobe-report.timer",
+              "psprobe-receive.socket"]
     root = extract(built.rpm, tmp_path / "root")
     run("systemctl", f"--root={root}", "preset", *timers)
     assert enabled(root) == set()

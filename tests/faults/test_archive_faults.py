@@ -9,6 +9,7 @@ import ssl
 import pytest
 import tlsutil
 from esmond_sim import EsmondSim
+from ports import free_port as _closed_port  # tests/ is on sys.path
 
 from faults.conftest import STEP
 
@@ -83,14 +84,6 @@ def test_archive_fault(lab, figures, name, kind, kw, where, status, words):
     lab.sim.clear_faults()
     runs, t = lab.catch_up(A)
     figures.fault("archive", name, r.status, line, t, runs if status else 0)
-
-
-def _closed_port() -> int:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
 
 
 def test_connection_refused(lab, figures):

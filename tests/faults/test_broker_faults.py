@@ -8,13 +8,13 @@ those messages are counted, warned about and dropped, unless [broker] unroutable
 from __future__ import annotations
 
 import re
-import socket
 import time
 import uuid
 from collections.abc import Callable
 
 import pytest
 from faultproxy import FaultProxy
+from ports import free_port as _closed_port  # tests/ is on sys.path
 
 from faults.conftest import AMQP_URL, Tally, rabbitmqctl, wait_broker
 from psprobe import checkpoint, config, history, metrics, status
@@ -24,14 +24,6 @@ TIMEOUT = 3  # [broker] timeout in the lab
 PREFIX = "perfsonar.raw."
 # The lab's hosts have these 4 event types; the real downstream binds some keys only.
 BOUND, UNBOUND = ("throughput", "packet-loss-rate"), ("packet-retransmits", "histogram-owdelay")
-
-
-def _closed_port() -> int:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
 
 
 def _after(n: int, action: Callable[[], None]) -> Callable:

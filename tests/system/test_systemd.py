@@ -12,7 +12,6 @@ The tests of this module run in order and share one world (the sync's result).
 from __future__ import annotations
 
 import json
-import socket
 import sys
 import threading
 import time
@@ -23,6 +22,7 @@ from http.server import ThreadingHTTPServer
 
 import pytest
 from esmond_sim import EsmondSim  # tests/ is on sys.path (tests/conftest.py)
+from ports import free_port as closed_port  # tests/ is on sys.path
 
 from psprobe import hostnames, units
 
@@ -102,13 +102,21 @@ class Bus:
         self.queue = self.ch.queue_declare("", exclusive=True).method.queue
         self.ch.queue_bind(self.queue, self.exchange, routing_key="#")
         self.bodies: list[dict] = []
+        self.got: list[tuple[str, str, dict]] = []  # (routing key, message id, body)
 
     def take(self) -> list[dict]:
+        """Every body that arrived so far (what is queued is fetched first)."""
         while True:
-            method, _props, body = self.ch.basic_get(self.queue, auto_ack=True)
+            method, props, body = self.ch.basic_get(self.queue, auto_ack=True)
             if method is None:
                 return self.bodies
             self.bodies.append(json.loads(body))
+            self.got.append((method.routing_key, props.message_id, self.bodies[-1]))
+
+    def messages(self) -> list[tuple[str, str, dict]]:
+        """The same as (routing key, message id, body)."""
+        self.take()
+        return self.got
 
     def points_by_source(self) -> dict[str, int]:
         out: dict[str, int] = {}
@@ -123,14 +131,6 @@ class Bus:
             self.conn.close()
         except Exception:  # best effort at teardown
             pass
-
-
-def closed_port() -> int:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
 
 
 @dataclass
