@@ -82,3 +82,52 @@ def parse_when(text: str, now: float | None = None) -> int:
     if d.tzinfo is None:
         d = d.replace(tzinfo=dt.timezone.utc)
     return int(d.timestamp())
+
+
+# --- the journal of a host that pushes (psprobe receive's lines that name it)
+
+RECEIVE_SERVICE = "psprobe-receive.service"
+
+
+def host_pattern(host: str) -> str:
+    """A regular expression for the host's name as a whole word (the same in PCRE2 and Python):
+    ``a.example`` does not match in ``data.example`` nor ``a.example.org``."""
+    import re
+
+    from psprobe import hostnames
+
+    name = hostnames.split(host)[0]
+    return rf"(?<![\w.-]){re.escape(name)}(?![\w-]|\.\w)"
+
+
+def journal_grep(version: str | None = None) -> bool:
+    """Does ``journalctl --grep`` work here?  systemd 237 or later, built with PCRE2
+    (``+PCRE2`` in ``journalctl --version``; EL8's 239 and EL9's 252 are)."""
+    import re
+
+    if version is None:
+        try:
+            version = subprocess.run(["journalctl", "--version"], capture_output=True, text=True,
+                                     timeout=10).stdout
+        except (OSError, subprocess.SubprocessError):
+            return False
+    m = re.match(r"systemd (\d+)", version)
+    return bool(m) and int(m.group(1)) >= 237 and "+PCRE2" in version
+
+
+def receive_journal_command(host: str, extra: tuple[str, ...] | list[str], *,
+                            grep: bool) -> list[str]:
+    """``journalctl -u psprobe-receive.service --grep=HOST EXTRA...``; without ``grep`` (an
+    older journalctl) the lines are filtered by :func:`filter_lines`, hence no pager."""
+    if grep:
+        return ["journalctl", "-u", RECEIVE_SERVICE, f"--grep={host_pattern(host)}", *extra]
+    return ["journalctl", "-u", RECEIVE_SERVICE, "--no-pager", *extra]
+
+
+def filter_lines(lines, host: str):
+    """The lines that name ``host`` (as ``--grep`` would, case-insensitive as its lower-case
+    pattern is), for a journalctl that has no ``--grep``."""
+    import re
+
+    pattern = re.compile(host_pattern(host), re.IGNORECASE)
+    return (line for line in lines if pattern.search(line))

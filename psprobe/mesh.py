@@ -1,9 +1,14 @@
-"""Mesh discovery: published mesh documents -> {host: read URL} of the archives to collect.
+"""Mesh discovery: published mesh documents -> {host: read URL} of the archives to collect,
+and the hosts that push their runs to this receiver instead.
 
 Three shapes are read (real examples in ``shared/formats/``): a top-level list
 of ``{"include": [url, ...]}`` objects, legacy MeshConfig, and pSConfig.  What
 a mesh yields is the set of archives that can be read back, each named by the
 ``host[:port]`` of its read URL (see :func:`parse_document` for the rules).
+Given the URL of this machine's ``psprobe receive`` (``[receive] url``), a
+pSConfig mesh also yields the *pushing* hosts: those that run a task whose
+``http`` archive posts to that URL (a perfSONAR 5 testpoint keeps no archive
+to read; see :func:`receiver_key`).
 
 Meshes are untrusted input.  One bad entry (a hostile name, a wrong type, an
 unknown reference) costs that entry and one warning naming the document and
@@ -55,6 +60,9 @@ class MeshResult:
     # False when an included document could not be fetched or parsed: the caller
     # should then keep this mesh's last good list rather than lose its hosts.
     complete: bool = True
+    # Hosts whose runs an http archive pushes to the receiver (sorted); empty
+    # unless discover() was given the receiver's URL.
+    pushing: list[str] = field(default_factory=list)
 
 
 class _Bad(ValueError):
@@ -164,6 +172,28 @@ def read_url(raw: Any) -> tuple[str, str]:
     return host, f"{scheme}://{host}{path}"
 
 
+def receiver_key(raw: Any) -> str | None:
+    """The form in which two URLs of a receiver compare equal, or None when ``raw`` is no
+    http(s) URL: scheme and host in lower case, the default port dropped, no trailing
+    slash.  pScheduler posts to the ``_url`` as written, so nothing else is folded
+    (a path differing in case is another URL)."""
+    if not isinstance(raw, str) or not _URL_CHARS.fullmatch(raw):
+        return None
+    try:
+        u = urlsplit(raw)
+        port = u.port
+        scheme = u.scheme.lower()
+        if scheme not in _DEFAULT_PORT or "@" in u.netloc:
+            return None
+        host = hostnames.normalise(u.netloc)
+    except (ValueError, hostnames.BadHost):
+        return None
+    if port == _DEFAULT_PORT[scheme]:
+        host = hostnames.split(host)[0]
+    key = f"{scheme}://{host}{u.path.rstrip('/')}"
+    return key + (f"?{u.query}" if u.query else "")
+
+
 def _include_url(raw: Any, parent: str) -> str:
     """An include to follow.  A document from the network may only include http(s) URLs:
     a remote mesh must not make sync read local files (``/dev/zero``, ``/etc/...``)."""
@@ -202,11 +232,13 @@ def _truthy(v: Any) -> bool:
 class _Doc:
     """Parsing context of one document: its name, the log, the targets found, a name cache."""
 
-    def __init__(self, source: str, log: _Log) -> None:
+    def __init__(self, source: str, log: _Log, receiver: str | None = None) -> None:
         self.source = source
         self.log = log
         self.targets = _Targets()
         self.includes: list[str] = []
+        self.receiver = receiver  # receiver_key() of [receive] url, or None
+        self.pushing: set[str] = set()
         self._keys: dict[str, str | None] = {}
         self._urls: dict[str, tuple[str, str] | None] = {}
 
@@ -270,7 +302,8 @@ class _Doc:
         return {}
 
 
-def parse_document(doc: object, source: str) -> tuple[dict[str, str], list[str], list[str]]:
+def parse_document(doc: object, source: str, receiver: str | None = None
+                   ) -> tuple[dict[str, str], list[str], list[str]]:
     """(targets, includes, warnings) of one decoded document.
 
     MeshConfig: every ``measurement_archives[].read_url`` (mesh, organization,
@@ -287,15 +320,27 @@ def parse_document(doc: object, source: str) -> tuple[dict[str, str], list[str],
     runs a task and gets no archive from task or host is read at its toolkit.
     Addresses that are disabled or no-agent (or whose host is) run nothing.
 
+    ``receiver`` (``[receive] url``): an ``http`` archive whose ``data._url``
+    is that URL (:func:`receiver_key`) pushes here.  It gives no read URL (its
+    ``_meta.esmond_url`` is ignored: reading the runs back would publish them
+    twice) and no warning, and every address that runs a task with it, as a
+    task or a host archive, is a pushing host (:func:`pushing`).  MeshConfig
+    has no http archivers: it names no pushing host.
+
     Raises :class:`MeshError` when ``doc`` is of no known shape.
     """
     log = _Log()
-    d = _parse(doc, source, log)
+    d = _parse(doc, source, log, receiver_key(receiver))
     return d.targets.result(), d.includes, log.out()
 
 
-def _parse(doc: object, source: str, log: _Log) -> _Doc:
-    d = _Doc(source, log)
+def pushing(doc: object, source: str, receiver: str) -> list[str]:
+    """The hosts of one decoded document that push to ``receiver`` (see :func:`parse_document`)."""
+    return sorted(_parse(doc, source, _Log(), receiver_key(receiver)).pushing)
+
+
+def _parse(doc: object, source: str, log: _Log, receiver: str | None = None) -> _Doc:
+    d = _Doc(source, log, receiver)
     if isinstance(doc, list):
         _include_list(doc, d)
     elif isinstance(doc, dict):
@@ -442,6 +487,7 @@ def _psconfig(doc: dict, d: _Doc) -> None:
             continue
         # Defined archives, readable or not: an address with any of them does not archive locally.
         t_arch = [a for a in (ps.archive(n, w) for n in d.items(task, "archives", w)) if a]
+        t_push = any(a[2] for a in t_arch)
         gname = task.get("group")
         group = groups.get(gname) if isinstance(gname, str) else None
         if not isinstance(group, dict):
@@ -449,7 +495,7 @@ def _psconfig(doc: dict, d: _Doc) -> None:
             runners: list[tuple[str, str | None]] = []
         else:
             runners = ps.runners(group, task, f"groups.{gname}")
-        for url, templated in t_arch:
+        for url, templated, _ in t_arch:
             if url and not templated:
                 d.named(url, f"{w}.archives")
         for key, hname in runners:
@@ -457,10 +503,12 @@ def _psconfig(doc: dict, d: _Doc) -> None:
             if not t_arch and not h_arch:
                 d.default(key)
                 continue
-            for url, templated in t_arch:
+            if t_push or ps.host_pushes(hname):
+                d.pushing.add(key)
+            for url, templated, _ in t_arch:
                 if url and templated:
                     d.named(_SCHEDULED_BY.sub(key, url), f"{w}.archives")
-            for url, templated in h_arch:
+            for url, templated, _ in h_arch:
                 if url:
                     d.named(_SCHEDULED_BY.sub(key, url) if templated else url, f"hosts.{hname}.archives")
 
@@ -471,37 +519,48 @@ class _PS:
     def __init__(self, d: _Doc, addresses: dict, hosts: dict, archives: dict, classes: dict) -> None:
         self.d, self.addresses, self.hosts = d, addresses, hosts
         self.archives, self.classes = archives, classes
-        self._archive: dict[str, tuple[str | None, bool] | None] = {}
-        self._host_archives: dict[str | None, list[tuple[str | None, bool]]] = {}
+        self._archive: dict[str, tuple[str | None, bool, bool] | None] = {}
+        self._host_archives: dict[str | None, list[tuple[str | None, bool, bool]]] = {}
+        self._host_pushes: dict[str | None, bool] = {}
         self._class: dict[str, list[str]] = {}
 
-    def archive(self, name: Any, where: str) -> tuple[str | None, bool] | None:
-        """(read URL or URL template, templated) of a named archive; the URL is None
-        when the archive cannot be read back, and the whole is None when it is not defined."""
+    def archive(self, name: Any, where: str) -> tuple[str | None, bool, bool] | None:
+        """(read URL or URL template, templated, pushes here) of a named archive; the URL
+        is None when the archive cannot be read back, and the whole is None when it is not
+        defined."""
         if not isinstance(name, str):
             self.d.warn(f"{_src(where)}: archive name {_show(name)} is not a string")
             return None
         if name in self._archive:
             return self._archive[name]
         spec = self.archives.get(name)
-        got: tuple[str | None, bool] | None = None
+        got: tuple[str | None, bool, bool] | None = None
         if spec is None:
             self.d.warn(f"{_src(where)}: archive {_show(name)} is not defined")
+        elif self.d.receiver and _pushes_to(spec) == self.d.receiver:
+            got = (None, False, True)
         else:
             url, why = _archive_url(spec)
             if url is None:
                 self.d.warn(f"archive {_show(name)}: {why}; it gives no host to collect")
-            got = (url, bool(url and _SCHEDULED_BY.search(url)))
+            got = (url, bool(url and _SCHEDULED_BY.search(url)), False)
         self._archive[name] = got
         return got
 
-    def host_archives(self, hname: str | None) -> list[tuple[str | None, bool]]:
+    def host_archives(self, hname: str | None) -> list[tuple[str | None, bool, bool]]:
         if hname not in self._host_archives:
             spec = self.hosts.get(hname) if hname is not None else None
             w = f"hosts.{hname}"
             names = self.d.items(spec, "archives", _src(w)) if isinstance(spec, dict) else []
             self._host_archives[hname] = [a for a in (self.archive(n, w) for n in names) if a]
         return self._host_archives[hname]
+
+    def host_pushes(self, hname: str | None) -> bool:
+        """Does a host archive of ``hname`` push to the receiver?  (Cached: one per host.)"""
+        got = self._host_pushes.get(hname)
+        if got is None:
+            got = self._host_pushes[hname] = any(a[2] for a in self.host_archives(hname))
+        return got
 
     def _host_of(self, name: str, spec: dict) -> tuple[str | None, dict]:
         h = spec.get("host")
@@ -645,6 +704,14 @@ def _tags(spec: dict) -> list:
     return tags if isinstance(tags, list) else []
 
 
+def _pushes_to(spec: Any) -> str | None:
+    """receiver_key() of an http archive's ``data._url`` (None for any other archive)."""
+    if not isinstance(spec, dict) or spec.get("archiver") != "http":
+        return None
+    data = spec.get("data")
+    return receiver_key(data.get("_url")) if isinstance(data, dict) else None
+
+
 def _archive_url(spec: Any) -> tuple[str | None, str]:
     """(read URL or template, reason when None) of a pSConfig archive."""
     if not isinstance(spec, dict):
@@ -686,7 +753,7 @@ def _load(source: str, data: Any, max_bytes: int) -> object:
 
 
 def discover(url: str, fetch: Callable[[str], bytes], max_depth: int = 5, max_docs: int = 200,
-             max_bytes: int = 50_000_000) -> MeshResult:
+             max_bytes: int = 50_000_000, receiver: str | None = None) -> MeshResult:
     """Read one mesh URL and everything it includes.
 
     Includes (top-level lists and pSConfig ``includes``) are followed breadth
@@ -696,9 +763,12 @@ def discover(url: str, fetch: Callable[[str], bytes], max_depth: int = 5, max_do
     parsed is a warning and makes the result ``complete=False``.  Limits hit
     and bad include URLs are warnings only: they come from the document, would
     recur on every run, and must not make a mesh count as down for good.
+    ``receiver`` (``[receive] url``) also finds the pushing hosts (:func:`parse_document`).
     """
     log = _Log()
     targets = _Targets()
+    key = receiver_key(receiver)
+    pushed: set[str] = set()
     complete = True
     seen = {url}
     queue: deque[tuple[str, int, str | None]] = deque([(url, 0, None)])
@@ -716,7 +786,7 @@ def discover(url: str, fetch: Callable[[str], bytes], max_depth: int = 5, max_do
                 raise
             except Exception as e:  # an injected fetch may raise anything
                 raise MeshError(u, f"cannot fetch: {type(e).__name__}: {_show(str(e))}") from None
-            d = _parse(_load(u, data, max_bytes), u, log)
+            d = _parse(_load(u, data, max_bytes), u, log, key)
         except MeshError as e:
             if parent is None:
                 raise
@@ -724,8 +794,9 @@ def discover(url: str, fetch: Callable[[str], bytes], max_depth: int = 5, max_do
             complete = False
             continue
         targets.merge(d.targets, log, u)
+        pushed |= d.pushing
         _follow(d.includes, u, depth, max_depth, seen, queue, log)
-    return MeshResult(targets.result(), log.out(), complete)
+    return MeshResult(targets.result(), log.out(), complete, sorted(pushed))
 
 
 def _follow(includes: Iterable[Any], parent: str, depth: int, max_depth: int, seen: set[str],

@@ -6,6 +6,13 @@ report leaves is an *emitter* (as in dnf-automatic): one small interface,
 ``emit(output)``, with one implementation that prints and one that mails
 through ``[report] smtp_host``.  A new way out (a webhook, a file) is one more
 class, and building the report knows nothing about any of them.
+
+Hosts that push to ``psprobe receive`` have rows like the others, marked
+``(push)``: runs are pushes (ok: received, failed: refused), counted from the
+hourly rows of their ``received.json`` (the hours that overlap the period: to
+the hour).  A file written before receive kept those rows gives its totals
+instead, when something came in the period.  Their points are not in the
+per-event-type table (receive counts points per host, not per type).
 """
 
 from __future__ import annotations
@@ -19,7 +26,7 @@ import time
 from dataclasses import dataclass, field
 from typing import IO, Any, Protocol
 
-from psprobe import config, history, status
+from psprobe import config, history, metrics, status
 from psprobe.config import Config
 
 log = logging.getLogger("psprobe.report")
@@ -43,6 +50,12 @@ class HostLine:
     lag: float | None
     last_error: str | None
     last_error_time: float | None
+    kind: str = "pull"  # or "push" (see the module's docstring)
+    failed_tests: int = 0  # push: runs received whose test failed
+
+    @property
+    def state(self) -> str:
+        return f"{self.health} (push)" if self.kind == "push" else self.health
 
     @property
     def success_rate(self) -> float | None:
@@ -103,6 +116,9 @@ def build(cfg: Config, since: float, *, now: float | None = None) -> Report:
     lines, by_type = [], {}
     backfills = backfill_points = 0
     for h in ov.hosts:
+        if h.kind == "push":
+            lines.append(_push_line(h, since, now))
+            continue
         runs = [r for r in history.load(sd, h.host) if r.get("end", 0) >= since]
         regular = [r for r in runs if history.is_regular(r)]
         failed = [r for r in regular if r.get("status")]
@@ -132,6 +148,26 @@ def build(cfg: Config, since: float, *, now: float | None = None) -> Report:
                   shard=status.shard_line(ov) if ov.shard else None)
 
 
+def _push_line(h: status.HostStatus, since: float, until: float) -> HostLine:
+    """A pushing host's line: the hours of the period in its received.json."""
+    r = h.received or {}
+    refused = r.get("refused") or {}
+    c = metrics.received_between(r, since, until)
+    if c is None:  # a file of before the hourly rows: its totals, if the period saw any
+        got = (r.get("last_received") or 0) >= since
+        c = {"runs": r.get("runs", 0), "points": r.get("points", 0),
+             "messages": r.get("confirmed", 0), "failed_runs": r.get("failed_runs", 0)} if got \
+            else dict.fromkeys(("runs", "points", "messages", "failed_runs"), 0)
+        c["refused"] = refused.get("count", 0) if (refused.get("last_time") or 0) >= since else 0
+    failed = c["refused"]
+    return HostLine(
+        host=h.host, health=h.health, runs=c["runs"] + failed, ok=c["runs"], failed=failed,
+        points=c["points"], messages=c["messages"], lag=h.lag,
+        last_error=refused.get("last_reason") if failed else None,
+        last_error_time=refused.get("last_time") if failed else None, kind="push",
+        failed_tests=c["failed_runs"])
+
+
 # --- rendering
 
 
@@ -156,12 +192,12 @@ def _sections(rep: Report) -> list[tuple[str, list[str], list[list[str]]]]:
     out = [
         ("Success rate per host (worst first)",
          ["host", "state", "runs", "ok", "failed", "success", "points", "messages", "lag"],
-         [[h.host, h.health, str(h.runs), str(h.ok), str(h.failed), _rate(h.success_rate),
+         [[h.host, h.state, str(h.runs), str(h.ok), str(h.failed), _rate(h.success_rate),
            str(h.points), str(h.messages), status.span(h.lag)] for h in rep.hosts]),
         ("Points per event type", ["event type", "points"],
          [[et, str(n)] for et, n in rep.by_type.items()]),
         (f"Worst lags (alarm at {status.span(rep.lag_alarm)})", ["host", "lag", "state"],
-         [[h.host, status.span(h.lag), h.health] for h in rep.worst_lags]),
+         [[h.host, status.span(h.lag), h.state] for h in rep.worst_lags]),
         ("Hosts added and removed by sync", ["when", "change", "host"],
          [[_utc(t), "added", h] for t, h in rep.added]
          + [[_utc(t), "removed", h] for t, h in rep.removed]),
@@ -185,6 +221,10 @@ def _intro(rep: Report) -> list[str]:
     ]
     if rep.backfills:
         lines.append(f"Backfills: {rep.backfills} ({rep.backfill_points} points)")
+    push = [h for h in rep.hosts if h.kind == "push" and h.health != "disabled"]  # listed now
+    if push:
+        lines.append(f"Pushing hosts: {len(push)} (psprobe receive; runs are pushes, failed ones "
+                     "refused; counted by the hour)")
     return lines
 
 

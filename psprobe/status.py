@@ -12,6 +12,17 @@ the last sync (``sync.json``) is an alarm as well: while it fails, sync
 removes no host.  Reading it costs a few small files per host, nothing is
 written, and no lock is taken (a running collect is detected by trying a
 shared lock on its lock file, which never blocks it).
+
+A host that pushes its runs to ``psprobe receive`` (``sync.json``'s
+``"pushing"``: it has no timer) gets a row with the same columns from
+``hosts/<host>/received.json``, receive's tallies (:func:`push_status`): its
+TIMER reads ``push``, LAST RUN is its last push (accepted or refused), LAST OK
+the last run received, POINTS and MSGS those of the last run received and of
+the last 24 h (received.json's hourly counts, so the 24 h are to the hour),
+LAG now minus the newest point received.  One that has
+been silent for ``[receive] silent_after`` (never pushed: since sync first
+listed it) is ``lagging``, one whose last push was refused ``failing``: the
+same alarms, counts and exit status as a pulled host's.
 """
 
 from __future__ import annotations
@@ -112,10 +123,10 @@ class HostStatus:
     result: str | None  # "ok", "FAILED" or None (never ran)
     status: int | None  # exit status of the last collect
     error: str | None  # its error line
-    points_last: int
-    messages_last: int
-    points_24h: int
-    messages_24h: int
+    points_last: int | None  # None: a push row whose received.json predates these counts
+    messages_last: int | None
+    points_24h: int | None
+    messages_24h: int | None
     newest: int | None  # newest point the broker confirmed
     lag: float | None  # now - newest
     lag_alarm: float
@@ -130,6 +141,14 @@ class HostStatus:
     # systemd says the timer is not running)
     timer: str = "on"
     unit: Unit | None = None  # systemd's view of its service, when systemd was asked
+    # "pull" (a timer reads its archive) or "push" (it pushes to psprobe receive).  For a
+    # push row the points and messages are those the receiver accepted (24 h: to the hour),
+    # and the alarm is on silence, not lag.
+    kind: str = "pull"
+    silence: float | None = None  # push: since the last run received (or since listed)
+    silent_after: float | None = None  # push: [receive] silent_after
+    # push: received.json's tallies, checked (--json leaves out their hourly rows)
+    received: dict[str, Any] | None = None
 
 
 @dataclass
@@ -181,7 +200,29 @@ def known_hosts(cfg: Config, sync: dict[str, Any] | None = None) -> set[str]:
             continue
     sync = read_sync(cfg.collect.state_dir) if sync is None else sync
     found.update(h for h in (sync or {}).get("hosts", []) if isinstance(h, str))
+    found.update(pushing(sync))
     return found
+
+
+def pushing(sync: dict[str, Any] | None) -> dict[str, float | None]:
+    """host -> since when, of the hosts the last sync listed as pushing (``sync.json``)."""
+    hosts = (sync or {}).get("pushing")
+    since = (sync or {}).get("pushing_since")
+    since = since if isinstance(since, dict) else {}
+    if not isinstance(hosts, list):
+        return {}
+    return {h: metrics.timestamp(since.get(h)) for h in hosts if isinstance(h, str)}
+
+
+def pushes(cfg: Config, host: str) -> bool:
+    """``host`` pushes to psprobe receive, or did: a push row of :func:`overview` (the last
+    sync lists it as pushing, or it has a received.json and neither a timer nor a mesh)."""
+    sync = read_sync(cfg.collect.state_dir)
+    if host in pushing(sync):
+        return True
+    timer = host in units.enabled_hosts(Path(cfg.mesh.unit_dir))
+    return not timer and host not in (sync or {}).get("hosts", []) and \
+        metrics.read_received(cfg.collect.state_dir, host) is not None
 
 
 def _newest_confirmed(state_dir: str, host: str) -> int | None:
@@ -281,6 +322,69 @@ def host_status(cfg: Config, host: str, *, now: float, enabled: bool, in_meshes:
     )
 
 
+def push_status(cfg: Config, host: str, *, now: float, listed: bool, since: float | None,
+                rec: dict[str, Any] | None = None) -> HostStatus:
+    """The row of a host that pushes to ``psprobe receive``, from its ``received.json``.
+
+    ``listed``: the last sync lists it as pushing (else it used to push: "disabled");
+    ``since``: when sync first listed it, the start of its silence if it never pushed.
+    ``rec`` is :func:`psprobe.metrics.read_received`'s (read here when None).
+    """
+    rec = metrics.read_received(cfg.collect.state_dir, host) if rec is None else rec
+    r = rec or {}
+    last_ok, newest = r.get("last_received"), r.get("newest_ts")
+    refused = r.get("refused") or {}
+    refused_at = refused.get("last_time")
+    # The last word from the host: a refusal after its last accepted run is a failed push.
+    failed = refused_at is not None and (last_ok is None or refused_at > last_ok)
+    last_try = max((t for t in (last_ok, refused_at) if t is not None), default=None)
+    quiet_from = last_ok if last_ok is not None else since
+    silence = None if quiet_from is None else max(0.0, now - quiet_from)
+    after = cfg.receive.silent_after
+    if not listed:
+        health = "disabled"
+    elif failed:
+        health = "failing"
+    elif silence is not None and silence > after:
+        health = "lagging"  # silent: the alarm of a lagging pulled host
+    elif last_ok is None:
+        health = "pending"
+    elif newest is None:
+        health = "no data"
+    else:
+        health = "ok"
+    error = None
+    if failed:
+        n = refused.get("count") or 1
+        error = (f"push refused: {refused.get('last_reason') or 'no reason recorded'} "
+                 f"({n} refused in all, last {ago(refused_at, now)})")
+    elif health == "lagging":
+        error = (f"nothing received for {span(silence)} ([receive] silent_after {span(after)})"
+                 if last_ok is not None else
+                 f"nothing received in the {span(silence)} since sync listed it as pushing "
+                 f"([receive] silent_after {span(after)})")
+    # Points and messages: of the last run received, and of the hours that overlap the last
+    # 24 h; unknown (None) in a received.json written before receive counted them.
+    counts: list[int | None] = [0, 0, 0, 0]
+    day = metrics.received_between(rec, now - DAY)
+    if day is not None:
+        last = r.get("last") or {}
+        counts = [last.get("points", 0), last.get("messages", 0), day["points"], day["messages"]]
+    elif rec is not None:
+        counts = [None] * 4
+    return HostStatus(
+        host=host, health=health, enabled=False, in_meshes=listed, running=False,
+        last_run=last_try, last_success=last_ok,
+        result=None if last_try is None else "FAILED" if failed else "ok", status=None,
+        error=error, points_last=counts[0], messages_last=counts[1], points_24h=counts[2],
+        messages_24h=counts[3],
+        newest=None if newest is None else int(newest),
+        lag=None if newest is None else max(0.0, now - newest),
+        lag_alarm=cfg.for_host(host).report.lag_alarm, failures=1 if failed else 0,
+        next_run=None, timer="push", kind="push", silence=silence, silent_after=after,
+        received=rec)
+
+
 def _sort_key(h: HostStatus) -> tuple:
     return (HEALTH_ORDER.index(h.health), -h.failures, -(h.lag if h.lag is not None else -1),
             h.host)
@@ -373,6 +477,7 @@ def overview(cfg: Config, only: Iterable[str] | None = None, *, now: float | Non
     enabled = units.enabled_hosts(Path(cfg.mesh.unit_dir))
     hosts = sorted(known_hosts(cfg, sync) if only is None else set(only))
     wanted = set((sync or {}).get("hosts", []))
+    pushed = pushing(sync)
     if systemd is None and next_elapse is None and systemd_runs(cfg.mesh.unit_dir):
         systemd = systemd_view
     timed = [h for h in hosts if h in enabled]
@@ -389,6 +494,13 @@ def overview(cfg: Config, only: Iterable[str] | None = None, *, now: float | Non
     paused = units.paused(Path(cfg.mesh.unit_dir)) and view.target.get("ActiveState") != "active"
     rows = []
     for h in hosts:
+        if h not in enabled and h not in wanted:
+            # A host that pushes, or did (its received.json, no timer): a push row.
+            rec = metrics.read_received(cfg.collect.state_dir, h)
+            if h in pushed or rec is not None:
+                rows.append(push_status(cfg, h, now=now, listed=h in pushed, since=pushed.get(h),
+                                        rec=rec))
+                continue
         row = host_status(cfg, h, now=now, enabled=h in enabled, in_meshes=h in wanted,
                           next_run=view.next_run.get(h), unit=view.units.get(h))
         if row.enabled and paused:
@@ -432,17 +544,21 @@ HEADER = ("HOST", "STATE", "TIMER", "LAST RUN", "LAST OK", "POINTS", "MSGS", "LA
 
 
 def _cells(h: HostStatus, now: float) -> tuple[str, ...]:
+    def n(v: int | None) -> str:
+        return "-" if v is None else str(v)
+
+    push = h.kind == "push"
     return (
         h.host,
         h.health.upper() if h.health in ALARMS else h.health,
         h.timer,
         "running" if h.running else ago(h.last_run, now),
         ago(h.last_success, now),
-        f"{h.points_last}/{h.points_24h}",
-        f"{h.messages_last}/{h.messages_24h}",
+        f"{n(h.points_last)}/{n(h.points_24h)}",
+        f"{n(h.messages_last)}/{n(h.messages_24h)}",
         span(h.lag),
         str(h.failures),
-        until(h.next_run, now),
+        "-" if push else until(h.next_run, now),
     )
 
 
@@ -473,6 +589,10 @@ def render_text(ov: Overview, colour: bool = False) -> str:
         lines += [f"{h.host}: no timer, but systemd still lists its last run failed "
                   f"({h.unit.reason(ov.now)}); `systemctl reset-failed "
                   f"psprobe@{hostnames.unit_instance(h.host)}.service` clears it" for h in stale]
+    silent = [h for h in ov.hosts if h.kind == "push" and h.health == "lagging"]
+    if silent:
+        lines.append("")
+        lines += [f"{h.host}: {h.error}" for h in silent]
     stopped = [h.host for h in ov.hosts if h.timer in ("stopped", "failed")]
     if stopped:
         lines += ["", f"{len(stopped)} host timer(s) not running though enabled "
@@ -491,8 +611,12 @@ def render_text(ov: Overview, colour: bool = False) -> str:
                       "failures only systemd saw are missing"]
     c = ov.counts()
     parts = [f"{c[k]} {k}" for k in HEALTH_ORDER if c[k]]
-    alarm = {span(h.lag_alarm) for h in ov.hosts} or {"-"}
-    summary = f"{len(ov.hosts)} hosts: {', '.join(parts) or 'none'} (lag alarm {'/'.join(sorted(alarm))})"
+    alarm = {span(h.lag_alarm) for h in ov.hosts if h.kind == "pull"} or {"-"}
+    push = [h for h in ov.hosts if h.kind == "push" and h.in_meshes]
+    summary = f"{len(ov.hosts)} hosts: {', '.join(parts) or 'none'} (lag alarm {'/'.join(sorted(alarm))}"
+    if push:
+        summary += f"; {len(push)} pushing, silent alarm {span(push[0].silent_after)}"
+    summary += ")"
     if ov.sync:
         summary += (f"; last sync {ago(ov.sync.get('last_run'), ov.now)}: "
                     f"{len(ov.sync.get('hosts', []))} hosts, "
@@ -536,6 +660,13 @@ def unroutable_line(h: HostStatus) -> str:
             + ", ".join(f"{k}: {v}" for k, v in keys) + ")")
 
 
+def _host_json(h: HostStatus) -> dict[str, Any]:
+    d = dataclasses.asdict(h)
+    if d.get("received"):  # its hourly rows are in points_24h/messages_24h: not 193 rows per host
+        d["received"].pop("hours", None)
+    return d
+
+
 def to_json(ov: Overview) -> dict[str, Any]:
     d: dict[str, Any] = {
         "generated": ov.now,
@@ -544,10 +675,10 @@ def to_json(ov: Overview) -> dict[str, Any]:
         "counts": ov.counts(),
         "sync": None if ov.sync is None else {k: ov.sync.get(k) for k in
                                               ("last_run", "last_success", "hosts", "failed_meshes",
-                                               "mesh_errors", "held")},
+                                               "mesh_errors", "held", "pushing")},
         "failed_meshes": ov.failed_meshes,
         "systemd_error": ov.systemd_error,
-        "hosts": [dataclasses.asdict(h) for h in ov.hosts],
+        "hosts": [_host_json(h) for h in ov.hosts],
     }
     if ov.shard:  # only a sharded machine says so: this shard, and the last sync's split
         d["shard"] = {"k": ov.shard[0], "n": ov.shard[1], "line": shard_line(ov),

@@ -22,6 +22,19 @@ With ``[mesh] shard = K/N`` the host set is cut to this machine's shard
 enabled here (N changed) is removed like a host that left the meshes (so,
 like it, only at a sync where every mesh answered), and only this shard's
 hosts get a ``target.json``.
+
+Pushing hosts (perfSONAR 5 testpoints: no archive to read) send their runs to
+``psprobe receive``: a mesh host whose pSConfig ``http`` archive posts to
+``[receive] url`` (psprobe.mesh), or one listed in ``[receive] hosts``.  They
+get no timer and no target: pushing wins over pulling, since reading a host's
+runs back as well would publish them twice.  An enabled host that becomes
+pushing is removed like a host that left (so, like it, only at a sync where
+every mesh answered), and while a mesh fails, a host the last sync listed as
+pushing stays listed.  ``sync.json`` lists them (``"pushing"``, which receive
+reads to know who may push, and ``"pushing_since"``: when each was first
+listed, so that one that never pushed can be called silent).  They are not
+sharded: whichever collector runs the receiver the testpoint names gets its
+runs, so every shard lists every pushing host.
 """
 
 from __future__ import annotations
@@ -59,6 +72,9 @@ class Plan:
     # now collects (removed or held above) -> that shard.
     split: shard.Split | None = None
     elsewhere: dict[str, int] = field(default_factory=dict)
+    # Hosts that push to this receiver (no timer), sorted; those of them held over from
+    # the last sync while a mesh fails are in it too.
+    pushing: list[str] = field(default_factory=list)
 
 
 def fetcher(cfg: Config) -> Callable[[str], bytes]:
@@ -100,21 +116,26 @@ def fetcher(cfg: Config) -> Callable[[str], bytes]:
 
 
 def gather(cfg: Config, fetch: Callable[[str], bytes], *, now: float, save: bool = True,
-           errors: dict[str, str] | None = None) -> tuple[dict[str, dict], list[str]]:
+           errors: dict[str, str] | None = None,
+           pushing: set[str] | None = None) -> tuple[dict[str, dict], list[str]]:
     """Every host to collect, with its read URL and the meshes naming it.
 
-    Also the meshes that failed; ``errors`` (when given) gets why each failed.
+    Also the meshes that failed; ``errors`` (when given) gets why each failed,
+    and ``pushing`` (when given) the hosts that push to ``[receive] url`` or are
+    listed in ``[receive] hosts``, none of which is among the hosts returned.
     """
     m, sd = cfg.mesh, cfg.collect.state_dir
     targets: dict[str, dict] = {}
     failed: list[str] = []
     why: dict[str, str] = {} if errors is None else errors
+    push: set[str] = set()
     for url in m.urls:
-        found = _one_mesh(url, fetch, sd, now, m.forget_after, save, why)
+        found = _one_mesh(url, fetch, sd, now, m.forget_after, save, why, cfg.receive.url or None)
         if found is None:
             failed.append(url)
             continue
-        got, ok = found
+        got, ok, pushed = found
+        push.update(pushed)
         if not ok:
             failed.append(url)
         for host, read_url in got.items():
@@ -129,9 +150,21 @@ def gather(cfg: Config, fetch: Callable[[str], bytes], *, now: float, save: bool
             targets.setdefault(host, {"read_url": read_url, "meshes": []})["meshes"].append("static")
     for entry in m.exclude:
         try:
-            targets.pop(hostnames.normalise(entry), None)
+            key = hostnames.normalise(entry)
         except hostnames.BadHost as e:
             log.warning("[mesh] exclude: ignoring %r: %s", entry, e)
+            continue
+        targets.pop(key, None)
+        push.discard(key)
+    for entry in cfg.receive.hosts:  # the operator's word: after [mesh] exclude
+        try:
+            push.add(hostnames.normalise(entry))
+        except hostnames.BadHost as e:
+            log.warning("[receive] hosts: ignoring %r: %s", entry, e)
+    for host in push:
+        targets.pop(host, None)
+    if pushing is not None:
+        pushing.update(push)
     return targets, failed
 
 
@@ -163,21 +196,22 @@ def _excluded(cfg: Config) -> set[str]:
 
 
 def _one_mesh(url: str, fetch: Callable[[str], bytes], sd: str, now: float, forget_after: float,
-              save: bool, why: dict[str, str]) -> tuple[dict[str, str], bool] | None:
-    """(hosts, fresh) of one mesh: fresh from the network, else the last good list.
+              save: bool, why: dict[str, str], receiver: str | None = None,
+              ) -> tuple[dict[str, str], bool, list[str]] | None:
+    """(hosts, fresh, pushing hosts) of one mesh: fresh from the network, else the last good list.
 
     None when there is no list to use; ``why[url]`` says why it was not fresh.
     """
     cache = state.mesh_cache(sd, url)
     try:
-        res = mesh.discover(url, fetch, max_bytes=MAX_MESH_BYTES)
+        res = mesh.discover(url, fetch, max_bytes=MAX_MESH_BYTES, receiver=receiver)
         for w in res.warnings:
             log.warning("%s", w)
         if res.complete:
             if save:
-                state.write_json_atomic(cache, {"url": url, "fetched": now, "targets": res.targets},
-                                        root=sd)
-            return res.targets, True
+                state.write_json_atomic(cache, {"url": url, "fetched": now, "targets": res.targets,
+                                                "receiver": receiver, "pushing": res.pushing}, root=sd)
+            return res.targets, True, res.pushing
         reason = "part of it could not be read"
     except mesh.MeshError as e:
         reason = str(e)
@@ -198,15 +232,29 @@ def _one_mesh(url: str, fetch: Callable[[str], bytes], sd: str, now: float, forg
         return None
     log.warning("mesh %s: %s; keeping its last good list of %d hosts from %s", url, reason,
                 len(last["targets"]), time.strftime("%Y-%m-%d %H:%M", time.gmtime(last["fetched"])))
-    return {h: u for h, u in last["targets"].items() if isinstance(u, str)}, False
+    # Its pushing hosts pushed to the receiver of then: none if [receive] url has changed
+    # since (plan() keeps the last sync's listed while a mesh fails).
+    pushed = last.get("pushing") if isinstance(last.get("pushing"), list) else []
+    if mesh.receiver_key(last.get("receiver")) != mesh.receiver_key(receiver):
+        pushed = []
+    return ({h: u for h, u in last["targets"].items() if isinstance(u, str)}, False,
+            [h for h in pushed if isinstance(h, str)])
 
 
 def plan(cfg: Config, unit_dir: Path, fetch: Callable[[str], bytes], *, now: float,
          save: bool = True) -> Plan:
     """What sync changes: hosts to add, to remove, kept, and held while a mesh fails."""
     errors: dict[str, str] = {}
-    targets, failed = gather(cfg, fetch, now=now, save=save, errors=errors)
+    pushing: set[str] = set()
+    targets, failed = gather(cfg, fetch, now=now, save=save, errors=errors, pushing=pushing)
     enabled = units.enabled_hosts(unit_dir)
+    if failed:
+        # A pushing host the last sync listed stays listed while a mesh fails (receive
+        # would refuse its runs otherwise), unless it is now pulled or excluded.
+        old = _last_sync(cfg.collect.state_dir).get("pushing")
+        kept = {h for h in old if isinstance(h, str)} if isinstance(old, list) else set()
+        pushing |= kept - set(targets) - _excluded(cfg)
+    # Not sharded (every shard lists every pushing host): not in shard.assign either.
     split, elsewhere = None, {}
     if cfg.mesh.shard:
         k, n = cfg.mesh.shard
@@ -230,7 +278,16 @@ def plan(cfg: Config, unit_dir: Path, fetch: Callable[[str], bytes], *, now: flo
                         len(held), ", ".join(failed))
     return Plan(targets, sorted(want - enabled), sorted(gone), sorted(want & enabled),
                 failed, sorted(held), {u: errors.get(u, "failed") for u in failed},
-                split, elsewhere)
+                split, elsewhere, sorted(pushing))
+
+
+def _last_sync(sd: str) -> dict[str, Any]:
+    """The last sync's record (``sync.json``), or {} when there is none to use."""
+    try:
+        old = state.read_json(state.sync_file(sd), default={}, root=sd)
+    except ValueError:
+        return {}
+    return old if isinstance(old, dict) else {}
 
 
 def apply(cfg: Config, p: Plan, unit_dir: Path, *, now: float,
@@ -256,10 +313,7 @@ def apply(cfg: Config, p: Plan, unit_dir: Path, *, now: float,
             state.write_json_atomic(state.host_file(sd, host, state.MOVED),
                                     {"time": now, "shard": p.elsewhere[host]}, root=sd)
     path = state.sync_file(sd)
-    try:
-        old = state.read_json(path, default={}, root=sd) or {}
-    except ValueError:
-        old = {}
+    old = _last_sync(sd)
     changes = [c for c in old.get("changes", []) if c.get("time", 0) >= now - SYNC_KEEP]
     if p.added or p.removed:
         changes.append({"time": now, "added": p.added, "removed": p.removed})
@@ -272,10 +326,29 @@ def apply(cfg: Config, p: Plan, unit_dir: Path, *, now: float,
         "held": p.held,
         "changes": changes,
         "shard": p.split.record() if p.split else None,
+        # Hosts that push to psprobe receive (no timer; receive reads this), and since when.
+        "pushing": p.pushing,
+        "pushing_since": _since(old.get("pushing_since"), p.pushing, now),
     }
     state.write_json_atomic(path, rec, root=sd)
     metrics.remove_hosts(cfg.metrics.textfile_dir, p.removed)
+    left = old.get("pushing") if isinstance(old.get("pushing"), list) else []
+    now_pushing = set(p.pushing)
+    metrics.remove_received(cfg.metrics.textfile_dir,
+                            [h for h in left if isinstance(h, str) and h not in now_pushing])
+    if cfg.metrics.textfile_dir and Path(cfg.metrics.textfile_dir).is_dir():
+        # Here too, not only as receive counts: one that never pushed gets its file too
+        # (listed since), for a silence alert.
+        for host in p.pushing:
+            metrics.write_received(cfg.metrics.textfile_dir, host, metrics.read_received(sd, host),
+                                   listed=rec["pushing_since"][host])
     metrics.write_sync(cfg.metrics.textfile_dir, rec)
+
+
+def _since(old: Any, pushing: list[str], now: float) -> dict[str, float]:
+    """host -> when a sync first listed it as pushing (kept from the last record)."""
+    old = old if isinstance(old, dict) else {}
+    return {h: old[h] if isinstance(old.get(h), (int, float)) else now for h in pushing}
 
 
 def _write_target(sd: str, host: str, rec: dict[str, Any]) -> None:
@@ -284,10 +357,18 @@ def _write_target(sd: str, host: str, rec: dict[str, Any]) -> None:
     Not fsynced (2 000 hosts would cost 4 000 fsyncs per first sync): a record
     lost or torn by a crash reads as missing, collect then uses the default
     read URL with a warning, and the next sync, finding it different, writes it
-    again.
+    again.  A host seen for the first time (its directory made here) gets it
+    written straight, with nothing to read or replace.
     """
-    dfd = state.host_dir_fd(sd, host, create=True)
     path = state.host_file(sd, host, state.TARGET)
+    dfd = state.new_host_dir_fd(sd, host)
+    if dfd is not None:
+        try:
+            state.create_at(dfd, state.TARGET, state.dumps(rec), 0o644, path=path)
+        finally:
+            os.close(dfd)
+        return
+    dfd = state.host_dir_fd(sd, host, create=True)
     try:
         try:
             old = state.read_json_at(dfd, state.TARGET, path=path)
@@ -301,17 +382,23 @@ def _write_target(sd: str, host: str, rec: dict[str, Any]) -> None:
 
 def describe(p: Plan) -> str:
     """The plan as text, for --dry-run and the log."""
+    pushing = set(p.pushing)
+
     def why(h: str) -> str:
-        return f"shard {p.elsewhere[h]} collects it now" if h in p.elsewhere else "no mesh names it"
+        if h in p.elsewhere:
+            return f"shard {p.elsewhere[h]} collects it now"
+        return "it pushes here now" if h in pushing else "no mesh names it"
 
     lines = [p.split.line()] if p.split else []
     lines += [f"add    {h}  {p.targets[h]['read_url']}" for h in p.added]
-    lines += [f"remove {h}" + (f"  ({why(h)})" if h in p.elsewhere else "") for h in p.removed]
+    lines += [f"remove {h}" + (f"  ({why(h)})" if h in p.elsewhere or h in pushing else "")
+              for h in p.removed]
     lines += [f"keep   {h}  {p.targets[h]['read_url']}" for h in p.kept]
     lines += [f"hold   {h}  ({why(h)}, kept while a mesh fails)" for h in p.held]
+    lines += [f"push   {h}" for h in p.pushing]
     lines += [f"FAILED mesh {u}: {p.errors.get(u, 'failed')}" for u in p.failed]
     summary = (f"{len(p.targets)} hosts: {len(p.added)} to add, {len(p.removed)} to remove, "
-               f"{len(p.kept)} kept; {len(p.failed)} mesh(es) failed")
+               f"{len(p.kept)} kept, {len(p.pushing)} pushing; {len(p.failed)} mesh(es) failed")
     if p.failed:
         summary += (f"; {len(p.held)} held: nothing is removed while mesh "
                     f"{', '.join(p.failed)} fails")
@@ -357,13 +444,15 @@ def run(cfg: Config, unit_dir: Path, *, dry_run: bool = False,
         return None, Exit.STATE
     for h in p.added:
         log.info("sync: added %s (%s)", h, p.targets[h]["read_url"])
+    pushing = set(p.pushing)
     for h in p.removed:
         log.info("sync: removed %s%s", h,
-                 f" (shard {p.elsewhere[h]} collects it now)" if h in p.elsewhere else "")
+                 f" (shard {p.elsewhere[h]} collects it now)" if h in p.elsewhere
+                 else " (it pushes here now)" if h in pushing else "")
     log.log(logging.WARNING if p.failed else logging.INFO,
-            "sync: %s hosts=%d added=%d removed=%d kept=%d held=%d failed_meshes=%d%s "
+            "sync: %s hosts=%d added=%d removed=%d kept=%d held=%d failed_meshes=%d pushing=%d%s "
             "duration=%.2fs", "FAILED" if p.failed else "ok", len(p.targets), len(p.added),
-            len(p.removed), len(p.kept), len(p.held), len(p.failed),
+            len(p.removed), len(p.kept), len(p.held), len(p.failed), len(p.pushing),
             f" shard={cfg.mesh.shard[0]}/{cfg.mesh.shard[1]}" if cfg.mesh.shard else "",
             time.time() - now)
     return None, Exit.MESH if p.failed else Exit.OK

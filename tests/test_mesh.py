@@ -723,3 +723,88 @@ def test_100000_hosts_psconfig_all_found():
     res = discover(TOP, lambda url: data)
     assert len(res.targets) == N and res.warnings == []
     assert res.targets["ps-5.example.net:8443"] == "https://ps-5.example.net:8443/esmond/perfsonar/archive/"
+
+
+# --- pushing hosts: an http archive whose _url is this receiver ([receive] url)
+
+
+def runners_of(doc: dict) -> list[str]:
+    """The addresses that run a task: with no archive anywhere, each is read at its toolkit."""
+    bare = copy.deepcopy(doc)
+    for task in bare["tasks"].values():
+        task.pop("archives", None)
+    for host in bare.get("hosts", {}).values():
+        host.pop("archives", None)
+    return sorted(parse_document(bare, "bare")[0])
+
+
+def test_real_psconfig_task_archive_to_the_receiver_makes_every_runner_pushing():
+    doc = real("pSConfig/example-1-simple.json")  # 3 tasks, all to https://archive.perfsonar.net/logstash
+    # written another way: scheme and host case, default port, trailing slash
+    receiver = "HTTPS://Archive.PerfSonar.NET:443/logstash/"
+    targets, _, warnings = parse_document(doc, "ex1", receiver)
+    # its _meta.esmond_url is not read back (the runs come here), and nothing to warn about
+    assert targets == {} and warnings == []
+    assert mesh.pushing(doc, "ex1", receiver) == runners_of(doc) == [
+        "host-a.perfsonar.net", "host-b.perfsonar.net", "host-c.perfsonar.net"]
+    # not this receiver: the archive is read back as before, nobody pushes here
+    for other in ("https://archive.perfsonar.net/Logstash", "http://archive.perfsonar.net/logstash",
+                  "https://archive.perfsonar.net:8443/logstash", "https://archive.perfsonar.net/"):
+        assert parse_document(doc, "ex1", other)[0] == REAL["pSConfig/example-1-simple.json"], other
+        assert mesh.pushing(doc, "ex1", other) == []
+    assert parse_document(doc, "ex1")[0] == REAL["pSConfig/example-1-simple.json"]
+
+
+def test_real_psconfig_host_archive_to_the_receiver_makes_that_hosts_addresses_pushing():
+    doc = real("pSConfig/example-3-circuits.json")  # one http archive per host, no task archive
+    receiver = "https://ga-pt1.es.net/logstash"
+    targets, _, warnings = parse_document(doc, "ex3", receiver)
+    assert mesh.pushing(doc, "ex3", receiver) == ["ga-owamp.es.net", "ga-pt1.es.net"]  # host ga-pt1's
+    assert targets == {h: u for h, u in REAL["pSConfig/example-3-circuits.json"].items()
+                       if h != "ga-pt1.es.net"}
+    assert warnings == []
+
+
+def test_pushing_skips_disabled_tasks_and_addresses_and_other_archivers():
+    doc = fixture("psconfig_scheduled_by.json")
+    # "central" (https://ma.example.net/logstash) serves lat-all-disabled (disabled) and
+    # thr-central, which only h.example.org runs
+    targets, _, warnings = parse_document(doc, "sched", "https://ma.example.net/logstash")
+    assert mesh.pushing(doc, "sched", "https://ma.example.net/logstash") == ["h.example.org"]
+    assert "ma.example.net:8443" not in targets
+    assert targets["h.example.org"] == https("h.example.org")  # lat-plain still archives locally
+    # logstash-only (g.example.org's) pushes here: no more warning that it cannot be read back
+    assert mesh.pushing(doc, "sched", "https://ls.example.net/logstash") == ["g.example.org"]
+    _, _, warnings = parse_document(doc, "sched", "https://ls.example.net/logstash")
+    assert not any("logstash-only" in w for w in warnings)
+    # a templated _url, another archiver with the same _url, a hostile _url: never "here"
+    doc["archives"]["tmpl"] = {"archiver": "http", "data": {"_url": "https://{% scheduled_by_address %}/x"}}
+    doc["archives"]["rabbit"]["data"]["_url"] = "https://ls.example.net/logstash"
+    doc["archives"]["bad"] = {"archiver": "http", "data": {"_url": ["https://ls.example.net/logstash"]}}
+    doc["tasks"]["thr-all"]["archives"] += ["tmpl", "rabbit", "bad"]
+    assert mesh.pushing(doc, "sched", "https://ls.example.net/logstash") == ["g.example.org"]
+
+
+def test_receiver_key_normalises_only_what_pscheduler_does_not_care_about():
+    same = ["https://psprobe.example.org/receive", "HTTPS://PSProbe.Example.Org:443/receive/",
+            "https://psprobe.example.org./receive//"]
+    assert {mesh.receiver_key(u) for u in same} == {"https://psprobe.example.org/receive"}
+    assert mesh.receiver_key("http://psprobe.example.org:80") == "http://psprobe.example.org"
+    assert mesh.receiver_key("https://psprobe.example.org:8443/") == "https://psprobe.example.org:8443"
+    for bad in (None, 17, "", "ftp://psprobe.example.org/", "https://u:p@psprobe.example.org/",
+                "https://psprobe example.org/", "https://psprobe.example.org:99999/", "/local/path"):
+        assert mesh.receiver_key(bad) is None, bad
+
+
+def test_discover_gathers_pushing_hosts_from_included_documents():
+    inc = {"addresses": {"tp.example.org": {"address": "tp.example.org"}},
+           "archives": {"here": {"archiver": "http", "data": {"_url": "https://rx.example.org/push"}}},
+           "groups": {"g": {"type": "list", "addresses": [{"name": "tp.example.org"}]}},
+           "tasks": {"t": {"group": "g", "test": "x", "archives": ["here"]}}}
+    server = Server({TOP: json.dumps([{"include": [TOP + "/inc.json"]}]).encode(),
+                     TOP + "/inc.json": json.dumps(inc).encode()})
+    res = discover(TOP, server, receiver="https://rx.example.org/push/")
+    assert res.pushing == ["tp.example.org"] and res.targets == {} and res.complete
+    res = discover(TOP, server)  # no receiver: nobody pushes, the archive cannot be read back
+    assert res.pushing == [] and res.targets == {}
+    assert any("cannot be read back" in w for w in res.warnings)

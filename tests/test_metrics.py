@@ -195,3 +195,43 @@ def test_unroutable_messages_of_the_last_regular_run_by_routing_key(tmp_path):
                              ("psprobe_collect_unroutable_messages", ttl, 12)]
     doc = history.record(sd, h, {"end": 40, "status": 0})  # none: no sample at all
     assert "unroutable" not in metrics.render(metrics.HOST_METRICS, metrics.host_values(h, doc))
+
+
+def test_a_pushing_host_has_the_same_metric_names_with_kind_push(tmp_path):
+    from test_status import received
+
+    sd, prom, h = str(tmp_path / "state"), tmp_path / "prom", "tp.example"
+    prom.mkdir()
+    received(sd, h, first_received=900.0, last_received=1000.5, newest_ts=940, runs=12, points=80,
+             messages=14, confirmed=13, failed_runs=2, last_failure={"time": 990, "error": "x"},
+             refused={"count": 3, "last_time": 1100, "last_reason": "401: no token"})
+    assert metrics.write_received(str(prom), h, metrics.read_received(sd, h), listed=500)
+    text = (prom / "psprobe_push_tp.example.prom").read_text()
+    got = parse(text)
+    key = (h, "push")
+    assert got[("psprobe_collect_last_run_timestamp_seconds", *key)] == 1100  # the refused push
+    assert got[("psprobe_collect_last_success_timestamp_seconds", *key)] == 1000.5
+    assert got[("psprobe_collect_newest_point_timestamp_seconds", *key)] == 940
+    assert got[("psprobe_collect_lag_seconds", *key)] == 60.5
+    assert got[("psprobe_collect_points_published_total", *key)] == 80
+    assert got[("psprobe_collect_messages_published_total", *key)] == 13  # confirmed ones
+    assert got[("psprobe_collect_runs_total", *key)] == 12
+    assert got[("psprobe_collect_failures_total", *key)] == 3
+    assert got[("psprobe_receive_failed_runs_total", *key)] == 2
+    assert got[("psprobe_receive_listed_timestamp_seconds", *key)] == 500
+    # node_exporter merges the files: a name has one HELP and TYPE in all of them
+    state.host_dir(sd, "a.example").mkdir(parents=True)
+    metrics.write_host(str(prom), "a.example", history.record(sd, "a.example", {"end": 1, "status": 0}))
+    helps: dict[tuple, str] = {}
+    for f in prom.iterdir():
+        for ln in f.read_text().splitlines():
+            if ln.startswith("# "):
+                assert helps.setdefault(tuple(ln.split()[1:3]), ln) == ln  # ("HELP", name)
+    # nothing received yet: only the counters (0) and when sync listed it
+    assert not metrics.write_received("", h, None)  # metrics off
+    metrics.write_received(str(prom), "new.example", None, listed=700)
+    got = parse((prom / "psprobe_push_new.example.prom").read_text())
+    assert got[("psprobe_receive_listed_timestamp_seconds", "new.example", "push")] == 700
+    assert not any(k[0].endswith("timestamp_seconds") and "listed" not in k[0] for k in got)
+    metrics.remove_received(str(prom), ["new.example", "never.example"])
+    assert not (prom / "psprobe_push_new.example.prom").exists()

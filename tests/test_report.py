@@ -5,7 +5,6 @@ from __future__ import annotations
 import email
 import email.policy
 import json
-import socket
 import ssl
 import time
 from pathlib import Path
@@ -15,7 +14,8 @@ import tlsutil
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import AuthResult
 from conftest import cli_runner
-from test_status import DOWN_HOST, LAG_HOST, OK_HOST, make_world, prepared, run, sim  # noqa: F401
+from ports import free_port  # tests/ is on sys.path
+from test_status import DOWN_HOST, LAG_HOST, OK_HOST, make_world, prepared, push_world, run, sim  # noqa: F401
 
 from psprobe import config, report, state
 from psprobe.cli import main
@@ -23,12 +23,6 @@ from psprobe.cli import main
 
 def cli(conf, *args):
     return cli_runner().invoke(main, ["--config", str(conf), *args])
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Inbox:
@@ -228,3 +222,40 @@ def test_print_emitter_writes_the_body(tmp_path):
     buf = io.StringIO()
     report.PrintEmitter(buf).emit(out)
     assert buf.getvalue() == '{"x": 1}\n'
+
+
+# --- pushing hosts
+
+
+def test_pushing_hosts_are_in_the_report_beside_pulled_ones(tmp_path):
+    now = time.time()
+    _, cfg = push_world(tmp_path, now)  # received.json fixtures: see test_status
+    rep = report.build(cfg, now - 7 * 86400, now=now)
+    by = {h.host: h for h in rep.hosts}
+    # the hours of the week in its received.json, not its totals (1200 runs: one row is older)
+    ok = by["p-ok.example"]
+    assert (ok.kind, ok.runs, ok.ok, ok.failed, ok.points, ok.messages, ok.failed_tests) == \
+        ("push", 1100, 1100, 0, 5000, 1200, 7)
+    ref = by["p-refused.example"]  # a refused push is its failed run: 4 of its 5 in the week
+    assert (ref.runs, ref.ok, ref.failed, ref.last_error) == (13, 9, 4, "403: wrong token")
+    gone = by["p-gone.example"]  # nothing received in the period: nothing counted
+    assert (gone.runs, gone.points, gone.health) == (0, 0, "disabled")
+    # a file of before the hourly rows: its totals, as something came in the period
+    silent = by["p-silent.example"]
+    assert (silent.runs, silent.points, silent.messages) == (50, 300, 50)
+    # a day: only the rows of that day
+    day = {h.host: h for h in report.build(cfg, now - 86400, now=now).hosts}["p-ok.example"]
+    assert (day.runs, day.points, day.messages, day.failed_tests) == (200, 900, 200, 1)
+    assert by["pulled.example"].kind == "pull"
+    assert rep.counts["lagging"] == 2 and rep.counts["failing"] == 1
+    assert "1 failing, 2 lagging" in report.subject(rep)
+    text = report.render_text(rep)
+    row = next(ln.split() for ln in text.splitlines() if ln.strip().startswith("p-silent.example")
+               and "%" in ln)
+    assert row[:3] == ["p-silent.example", "lagging", "(push)"]
+    assert any(ln.split()[:2] == ["p-refused.example", "4"] for ln in text.splitlines())  # failures
+    assert "Pushing hosts: 6 (psprobe receive" in text  # p-gone no longer pushes
+    js = report.to_json(rep)
+    assert {h["host"]: h["kind"] for h in js["hosts"]}["p-ok.example"] == "push"
+    # the runs of the period: 1 pulled collect, then every push received or refused
+    assert rep.runs == 1 + 1100 + 50 + 13 + 1

@@ -13,7 +13,7 @@ import pytest
 from conftest import AMQP_URL, cli_runner, write_config
 from esmond_sim import EsmondSim
 
-from psprobe import checkpoint, config, runner, state, status, units
+from psprobe import checkpoint, config, control, runner, state, status, units
 from psprobe.cli import main
 
 OK_HOST, LAG_HOST, DOWN_HOST = "ps-east.example.sim", "ps-west.example.sim", "ps-down.example.sim"
@@ -488,3 +488,168 @@ def test_systemd_view_parses_what_systemctl_shows():
     assert view.units[v6].failed and view.units[v6].reason(1_800_000_100) == \
         "systemd: killed by signal TERM (last run 08:00 UTC)"
     assert view.units["a.example"].exited == 1_800_000_001
+
+
+# --- pushing hosts (psprobe receive): rows from received.json beside the pulled ones
+
+
+def received(sd: str, host: str, **rec) -> None:
+    """A received.json as psprobe receive writes it (design: the tallies of one host); without
+    ``hours`` and ``last`` as it wrote it before it counted by the hour."""
+    doc = {"first_received": None, "last_received": None, "newest_ts": None, "runs": 0, "points": 0,
+           "messages": 0, "confirmed": 0, "failed_runs": 0, "last_failure": None, "refused": None}
+    doc.update(rec)
+    state.host_dir(sd, host).mkdir(parents=True, exist_ok=True)
+    state.write_json_atomic(state.host_file(sd, host, state.RECEIVED), doc, root=sd)
+
+
+def push_world(tmp_path: Path, now: float, silent_after: str = "1h") -> tuple[Path, config.Config]:
+    """One pulled host and six pushing ones, each in one state; sync.json lists them."""
+    conf = prepared(tmp_path, now, {"pulled.example": {"runs": [run(now - 60)], "newest": int(now - 100)}})
+    (tmp_path / "conf.d").mkdir()
+    (tmp_path / "conf.d/receive.conf").write_text(f"[receive]\nsilent_after = {silent_after}\n")
+    cfg = config.load(str(conf))
+    sd = cfg.collect.state_dir
+    listed = {"p-ok.example": now - 86400, "p-silent.example": now - 86400,
+              "p-never.example": now - 7200, "p-new.example": now - 600,
+              "p-refused.example": now - 86400, "p-nodata.example": now - 86400}
+    state.write_json_atomic(state.sync_file(sd), {
+        "last_run": now - 60, "last_success": now - 60, "hosts": ["pulled.example"], "failed_meshes": [],
+        "held": [], "changes": [], "pushing": sorted(listed), "pushing_since": listed}, root=sd)
+    hour = int(now // 3600 * 3600)
+    # hourly rows (start, runs, points, messages, failed_runs, refused): 7.5 days ago (before
+    # the report's week), 3 days ago (before status' 24 h), 2 hours ago and this hour
+    received(sd, "p-ok.example", first_received=now - 80000, last_received=now - 30, newest_ts=now - 90,
+             runs=1200, points=5400, messages=1300, confirmed=1290, failed_runs=7,
+             last_failure={"time": now - 4000, "error": "ping: no route to host"},
+             last={"time": now - 30, "points": 6, "messages": 2},
+             hours=[[hour - 180 * 3600, 100, 400, 100, 0, 0], [hour - 72 * 3600, 900, 4100, 1000, 6, 0],
+                    [hour - 2 * 3600, 150, 700, 150, 1, 0], [hour, 50, 200, 50, 0, 0]])
+    received(sd, "p-silent.example", first_received=now - 80000, last_received=now - 3 * 3600,
+             newest_ts=now - 3 * 3600 - 60, runs=50, points=300, messages=50, confirmed=50)
+    received(sd, "p-refused.example", first_received=now - 80000, last_received=now - 900,
+             newest_ts=now - 960, runs=9, points=90, messages=9, confirmed=9,
+             refused={"count": 5, "last_time": now - 120, "last_reason": "403: wrong token"},
+             last={"time": now - 900, "points": 10, "messages": 1},
+             hours=[[hour - 200 * 3600, 0, 0, 0, 0, 1], [hour - 100 * 3600, 0, 0, 0, 0, 2],
+                    [hour - 3600, 9, 90, 9, 0, 0], [hour, 0, 0, 0, 0, 2]])
+    received(sd, "p-nodata.example", first_received=now - 300, last_received=now - 300, runs=1)
+    received(sd, "p-gone.example", first_received=now - 9 * 86400, last_received=now - 8 * 86400,
+             newest_ts=now - 8 * 86400, runs=3, points=3, messages=3, confirmed=3)  # no longer listed
+    return conf, cfg
+
+
+def test_pushing_hosts_beside_pulled_ones_with_the_same_alarms(tmp_path):
+    now = time.time()
+    conf, cfg = push_world(tmp_path, now)
+    ov = status.overview(cfg, now=now, next_elapse=lambda hosts: {h: now + 120 for h in hosts})
+    rows = {h.host: h for h in ov.hosts}
+    assert [(h.host, h.health, h.kind) for h in ov.hosts] == [
+        ("p-refused.example", "failing", "push"),
+        ("p-silent.example", "lagging", "push"),  # 3 h without a push > silent_after 1h
+        ("p-never.example", "lagging", "push"),  # listed 2 h ago, nothing ever came
+        ("p-new.example", "pending", "push"),  # listed 10 min ago
+        ("p-nodata.example", "no data", "push"),
+        ("pulled.example", "ok", "pull"),  # lag 100 s, before p-ok's 90 s
+        ("p-ok.example", "ok", "push"),
+        ("p-gone.example", "disabled", "push"),
+    ]
+    ok = rows["p-ok.example"]
+    assert (ok.timer, ok.last_success, ok.newest, ok.failures) == ("push", now - 30, int(now - 90), 0)
+    assert 89 <= ok.lag <= 91 and ok.silence == 30 and ok.silent_after == 3600
+    assert ok.received["points"] == 5400 and ok.received["failed_runs"] == 7
+    ref = rows["p-refused.example"]
+    assert (ref.last_run, ref.last_success, ref.failures, ref.result) == (now - 120, now - 900, 1, "FAILED")
+    assert ref.error == "push refused: 403: wrong token (5 refused in all, last 2m ago)"
+    assert ov.alarm and ov.counts()["lagging"] == 2 and ov.counts()["failing"] == 1
+    text = status.render_text(ov)
+    line = next(ln.split() for ln in text.splitlines() if ln.startswith("p-ok.example"))
+    # the columns of a pulled host: last run / 24 h (the hours that overlap them)
+    assert (ok.points_last, ok.messages_last, ok.points_24h, ok.messages_24h) == (6, 2, 900, 200)
+    assert line == ["p-ok.example", "ok", "push", "30s", "ago", "30s", "ago", "6/900", "2/200", "90s",
+                    "0", "-"]
+    # a received.json of before the hourly counts: no history, not zero
+    line = next(ln.split() for ln in text.splitlines() if ln.startswith("p-silent.example"))
+    assert line[7:9] == ["-/-", "-/-"]
+    # never pushed: nothing
+    assert next(ln.split() for ln in text.splitlines() if ln.startswith("p-new.example"))[5:7] == \
+        ["0/0", "0/0"]
+    assert "p-refused.example: push refused: 403: wrong token" in text
+    assert "p-silent.example: nothing received for 3h ([receive] silent_after 1h)" in text
+    assert "p-never.example: nothing received in the 2h since sync listed it as pushing" in text
+    assert "6 pushing" in text.splitlines()[-1] and "silent alarm 1h" in text.splitlines()[-1]
+    # the command: exit 1 (the check), --json with the kind and the tallies
+    assert cli(conf, "status").exit_code == 1
+    js = json.loads(cli(conf, "status", "--json").stdout)
+    by = {h["host"]: h for h in js["hosts"]}
+    assert by["p-ok.example"]["kind"] == "push" and by["pulled.example"]["kind"] == "pull"
+    assert by["p-ok.example"]["received"]["confirmed"] == 1290
+    assert (by["p-ok.example"]["points_24h"], by["p-ok.example"]["messages_last"]) == (900, 2)
+    assert by["p-ok.example"]["received"]["last"] == {"time": now - 30, "points": 6, "messages": 2}
+    assert "hours" not in by["p-ok.example"]["received"]  # summed above, not 193 rows a host
+    assert by["p-silent.example"]["points_24h"] is None
+    assert js["sync"]["pushing"] == sorted(h for h in by if h.startswith("p-") and h != "p-gone.example")
+    # a host that never pushed is still a host psprobe knows
+    r = cli(conf, "status", "p-new.example")
+    assert r.exit_code == 0 and r.stdout.splitlines()[1].split()[:3] == ["p-new.example", "pending", "push"]
+
+
+def test_silent_after_sets_when_a_pushing_host_alarms(tmp_path):
+    now = time.time()
+    conf, cfg = push_world(tmp_path, now, silent_after="4h")
+    rows = {h.host: h.health for h in status.overview(cfg, now=now, next_elapse=lambda h: {}).hosts}
+    assert rows["p-silent.example"] == "ok" and rows["p-never.example"] == "pending"
+    assert cli(conf, "status", "p-silent.example", "p-ok.example").exit_code == 0
+    assert cli(conf, "status", "p-refused.example").exit_code == 1
+
+
+def test_a_torn_or_foreign_received_json_is_no_crash(tmp_path):
+    now = time.time()
+    conf, cfg = push_world(tmp_path, now)
+    sd = cfg.collect.state_dir
+    (state.host_file(sd, "p-ok.example", state.RECEIVED)).write_text('{"runs": 3, "last_rec')
+    received(sd, "p-silent.example", runs="many", last_received="yesterday", refused=[1, 2],
+             newest_ts=float("nan"), last={"time": "x"},
+             hours=[[1, 2], "x", [7200, 1, 2, 3, 4, 5], [3600, -1, 0, 0, 0, 0], [0, True, 0, 0, 0, 0]])
+    rows = {h.host: h for h in status.overview(cfg, now=now, next_elapse=lambda h: {}).hosts}
+    # unreadable: as if nothing was received (listed a day ago: silent)
+    assert rows["p-ok.example"].health == "lagging" and rows["p-ok.example"].received is None
+    assert rows["p-silent.example"].received["runs"] == 0
+    # the hourly rows that are rows; no "last" without a time
+    assert rows["p-silent.example"].received["hours"] == [[7200, 1, 2, 3, 4, 5]]
+    assert rows["p-silent.example"].received["last"] is None
+    assert rows["p-silent.example"].lag is None and rows["p-silent.example"].health == "lagging"
+    assert cli(conf, "status", "--json").exit_code == 1
+
+
+def test_logs_of_a_pushing_host_are_the_receivers_lines_that_name_it(tmp_path):
+    now = time.time()
+    conf, _ = push_world(tmp_path, now)
+    bindir, rec = tmp_path / "bin", tmp_path / "args"
+    bindir.mkdir()
+    fake = bindir / "journalctl"
+    fake.write_text(f"""#!/bin/sh
+if [ "$1" = --version ]; then printf '%s\\n' "$VERSION"; exit 0; fi
+printf '%s\\n' "$@" > {rec}
+echo 'receive: listening on [::]:8443 (TLS); 0 message(s) in the spool'
+echo 'receive: refused 401 from p-ok.example (10.0.0.1): no bearer token'
+echo 'receive: refused 403 from p-ok.example.org (10.0.0.2): unknown host p-ok.example.org'
+""")
+    fake.chmod(0o755)
+    path = f"{bindir}:{os.environ['PATH']}"
+    el8 = "systemd 239 (239-78.el8)\n+PAM +AUDIT +SELINUX -APPARMOR +PCRE2 default-hierarchy=legacy"
+    assert control.journal_grep(el8)
+    r = cli(conf, "logs", "p-ok.example", "-n", "5", env={"PATH": path, "VERSION": el8})
+    assert r.exit_code == 0, r.output
+    assert rec.read_text().splitlines() == ["-u", "psprobe-receive.service",
+                                            f"--grep={control.host_pattern('p-ok.example')}", "-n", "5"]
+    # no --grep (systemd before 237, or without PCRE2): the same lines, filtered here
+    for old in ("systemd 219\n+PAM +AUDIT -PCRE2", "systemd 236\n+PCRE2"):
+        assert not control.journal_grep(old)
+        r = cli(conf, "logs", "p-ok.example", "-n", "5", env={"PATH": path, "VERSION": old})
+        assert r.exit_code == 0
+        assert rec.read_text().splitlines() == ["-u", "psprobe-receive.service", "--no-pager", "-n", "5"]
+        assert r.stdout.splitlines() == ["receive: refused 401 from p-ok.example (10.0.0.1): no bearer token"]
+    # a pulled host: its collects' unit, as before
+    r = cli(conf, "logs", "pulled.example", env={"PATH": path, "VERSION": el8})
+    assert rec.read_text().splitlines() == ["-u", "psprobe@pulled.example.service"]

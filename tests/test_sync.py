@@ -257,3 +257,141 @@ def test_a_sync_with_the_real_default_metrics_dir_warns_nothing(tmp_path):
     p = run_sync(conf, "--no-systemctl")
     assert p.returncode == 0, p.stderr
     assert "textfile_dir" not in p.stderr, p.stderr
+
+
+# --- pushing hosts (psprobe receive): no timer, listed in sync.json
+
+RECEIVER = "https://collector.example.org:8443/psprobe"
+
+
+def psconfig(toolkits: list[str], testpoints: list[str], url: str = RECEIVER) -> str:
+    """Toolkits archive locally (read back), testpoints push to ``url`` (a host archive)."""
+    names = toolkits + testpoints
+    return json.dumps({
+        "addresses": {h: {"address": h, "host": h} for h in names},
+        "hosts": {h: {"archives": ["push"]} for h in testpoints},
+        "archives": {"push": {"archiver": "http", "data": {"schema": 2, "_url": url, "op": "put"}}},
+        "groups": {"g": {"type": "mesh", "addresses": [{"name": h} for h in names]}},
+        "tasks": {"t": {"group": "g", "test": "x"}},
+    })
+
+
+@pytest.fixture
+def pushsite(tmp_path):
+    """One pSConfig mesh (2 toolkits, 2 testpoints) and a host of [receive] hosts."""
+    (tmp_path / "p.json").write_text(psconfig(["tk-1.example.org", "tk-2.example.org"],
+                                              ["tp-1.example.org", "tp-2.example.org"]))
+    (tmp_path / "m.json").write_text(meshconfig("ps-m.example.org"))
+    (tmp_path / "prom").mkdir()
+    conf = write_config(tmp_path / "psprobe.conf", {
+        "collect": {"state_dir": tmp_path / "state"},
+        "mesh": {"urls": f"{tmp_path}/p.json, {tmp_path}/m.json", "unit_dir": tmp_path / "systemd"},
+        # written another way than in the mesh: compared normalised
+        "receive": {"url": "HTTPS://Collector.Example.org:8443/psprobe/", "hosts": "Extra.Example.org"},
+        "metrics": {"textfile_dir": tmp_path / "prom"},
+    })
+    return tmp_path, conf
+
+
+PUSHING = ["extra.example.org", "tp-1.example.org", "tp-2.example.org"]
+PULLED = {"tk-1.example.org", "tk-2.example.org", "ps-m.example.org"}
+
+
+def test_pushing_hosts_get_no_timer_and_are_listed_in_sync_json(pushsite):
+    tmp_path, conf = pushsite
+    p = run_sync(conf, "--dry-run")
+    assert p.returncode == 0, p.stderr
+    assert [ln.split() for ln in p.stdout.splitlines() if ln.startswith("push ")] == \
+        [["push", h] for h in PUSHING]
+    assert {ln.split()[1] for ln in p.stdout.splitlines() if ln.startswith("add ")} == PULLED
+    assert "3 hosts: 3 to add, 0 to remove, 0 kept, 3 pushing; 0 mesh(es) failed" in p.stdout
+    p = run_sync(conf, "--no-systemctl")
+    assert p.returncode == 0, p.stderr
+    assert "pushing=3" in p.stderr
+    assert links(tmp_path) == {f"psprobe@{h}.timer" for h in PULLED}
+    assert not (tmp_path / "state/hosts/tp-1.example.org").exists()  # no target.json either
+    rec = state.read_json(tmp_path / "state/sync.json")
+    assert rec["pushing"] == PUSHING and rec["hosts"] == sorted(PULLED)
+    first = rec["pushing_since"]
+    assert sorted(first) == PUSHING
+    # metrics: a file per pushing host (none received yet: when it was listed), and the count
+    prom = (tmp_path / "prom/psprobe_push_tp-1.example.org.prom").read_text().splitlines()
+    listed = [ln for ln in prom if ln.startswith("psprobe_receive_listed_timestamp_seconds{")]
+    assert listed[0].split()[0] == \
+        'psprobe_receive_listed_timestamp_seconds{host="tp-1.example.org",kind="push"}'
+    assert float(listed[0].split()[-1]) == first["tp-1.example.org"]
+    assert not any(ln.startswith("psprobe_collect_last_success") for ln in prom)  # nothing received
+    assert "psprobe_sync_pushing_hosts 3" in (tmp_path / "prom/psprobe_sync.prom").read_text()
+    # a second sync keeps when each was first listed
+    assert run_sync(conf, "--no-systemctl").returncode == 0
+    assert state.read_json(tmp_path / "state/sync.json")["pushing_since"] == first
+
+
+def test_a_host_that_starts_pushing_loses_its_timer_but_not_while_a_mesh_fails(pushsite):
+    tmp_path, conf = pushsite
+    assert run_sync(conf, "--no-systemctl").returncode == 0
+    # tk-1 becomes a testpoint, and the MeshConfig mesh fails (no last good list any more)
+    (tmp_path / "p.json").write_text(psconfig(["tk-2.example.org"],
+                                              ["tk-1.example.org", "tp-1.example.org", "tp-2.example.org"]))
+    (tmp_path / "m.json").write_text("garbage")
+    p = run_sync(conf, "--no-systemctl")
+    assert p.returncode == 1
+    assert "psprobe@tk-1.example.org.timer" in links(tmp_path)  # held, like a host that left
+    rec = state.read_json(tmp_path / "state/sync.json")
+    assert "tk-1.example.org" in rec["held"] and "tk-1.example.org" in rec["pushing"]
+    # every mesh answers again: its timer goes, said why
+    (tmp_path / "m.json").write_text(meshconfig("ps-m.example.org"))
+    p = run_sync(conf, "--dry-run")
+    assert "remove tk-1.example.org  (it pushes here now)" in p.stdout
+    p = run_sync(conf, "--no-systemctl")
+    assert p.returncode == 0, p.stderr
+    assert "sync: removed tk-1.example.org (it pushes here now)" in p.stderr
+    assert links(tmp_path) == {f"psprobe@{h}.timer" for h in PULLED - {"tk-1.example.org"}}
+    assert state.read_json(tmp_path / "state/sync.json")["pushing"] == sorted([*PUSHING, "tk-1.example.org"])
+
+
+def test_a_failing_mesh_keeps_its_pushing_hosts_listed(pushsite):
+    """receive refuses a host sync.json does not list: a mesh that fails must not drop them."""
+    tmp_path, conf = pushsite
+    assert run_sync(conf, "--no-systemctl").returncode == 0
+    (tmp_path / "p.json").write_text("{ not json")
+    p = run_sync(conf, "--no-systemctl")
+    assert p.returncode == 1
+    assert state.read_json(tmp_path / "state/sync.json")["pushing"] == PUSHING  # its last good list
+    # long past [mesh] forget_after the list no longer counts, but the last sync's stay listed
+    cfg = config.load(str(conf))
+    later = msync.plan(cfg, tmp_path / "systemd", msync.fetcher(cfg),
+                       now=cfg.mesh.forget_after + 10 ** 10, save=False)
+    assert later.pushing == PUSHING and later.failed
+    # the mesh answers without tp-2: no longer listed, its metrics file goes
+    (tmp_path / "p.json").write_text(psconfig(["tk-1.example.org", "tk-2.example.org"], ["tp-1.example.org"]))
+    assert run_sync(conf, "--no-systemctl").returncode == 0
+    rec = state.read_json(tmp_path / "state/sync.json")
+    assert rec["pushing"] == ["extra.example.org", "tp-1.example.org"]
+    assert sorted(rec["pushing_since"]) == rec["pushing"]
+    assert not (tmp_path / "prom/psprobe_push_tp-2.example.org.prom").exists()
+    assert (tmp_path / "prom/psprobe_push_tp-1.example.org.prom").exists()
+
+
+def test_pushing_hosts_are_not_sharded_and_exclude_applies_to_meshes_not_receive_hosts(pushsite):
+    tmp_path, conf = pushsite
+    (tmp_path / "conf.d").mkdir()
+    (tmp_path / "conf.d/shard.conf").write_text(
+        "[mesh]\nshard = 2/2\nexclude = tp-2.example.org, extra.example.org\n")
+    cfg = config.load(str(conf))
+    p = msync.plan(cfg, tmp_path / "systemd", msync.fetcher(cfg), now=1e9, save=False)
+    # every shard lists every pushing host; [receive] hosts is the operator's word too
+    assert p.pushing == ["extra.example.org", "tp-1.example.org"]
+    assert sum(p.split.counts) == len(PULLED)  # only pulled hosts are split
+    assert not set(p.targets) & set(p.pushing)
+
+
+def test_without_receive_url_an_http_archive_pushes_nowhere(tmp_path):
+    (tmp_path / "p.json").write_text(psconfig(["tk-1.example.org"], ["tp-1.example.org"]))
+    conf = write_config(tmp_path / "psprobe.conf", {
+        "collect": {"state_dir": tmp_path / "state"},
+        "mesh": {"urls": f"{tmp_path}/p.json", "unit_dir": tmp_path / "systemd"}})
+    p = run_sync(conf, "--dry-run")
+    assert p.returncode == 0, p.stderr
+    assert "push " not in p.stdout and "0 pushing" in p.stdout
+    assert "cannot be read back" in p.stderr  # as before: an http archive gives no host
