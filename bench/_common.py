@@ -9,6 +9,7 @@ the benchmark itself, in this process, never count (see ``_WRAPPER``).
 from __future__ import annotations
 
 import compileall
+import contextlib
 import os
 import queue
 import socket
@@ -100,6 +101,57 @@ class Exchange:
             self.conn.close()
         except Exception:  # best effort at the end of a benchmark
             pass
+
+
+class Sink:
+    """A throw-away topic exchange and a named queue on ``#``, held by no connection.
+
+    (An exclusive queue dies with its connection, and an idle BlockingConnection is
+    dropped by the broker after a few missed heartbeats: then every publish of a
+    benchmark's long run comes back unroutable.)  ``max_length``: drop-head bound
+    (None: keep all, to count them with :meth:`drain`).
+    """
+
+    def __init__(self, tag: str, max_length: int | None = 1000) -> None:
+        self.name = f"bench.psprobe.{tag}.{uuid.uuid4().hex[:8]}"
+        with self._channel() as ch:
+            ch.exchange_declare(self.name, exchange_type="topic")
+            ch.queue_declare(self.name, arguments={"x-max-length": max_length} if max_length else {})
+            ch.queue_bind(self.name, self.name, routing_key="#")
+
+    @staticmethod
+    @contextlib.contextmanager
+    def _channel():
+        import pika
+
+        conn = pika.BlockingConnection(pika.URLParameters(AMQP_URL))
+        try:
+            yield conn.channel()
+        finally:
+            conn.close()
+
+    def drain(self) -> dict[str, int]:
+        """Every message in the queue, consumed: message id -> times received."""
+        seen: dict[str, int] = {}
+        with self._channel() as ch:
+            left = ch.queue_declare(self.name, passive=True).method.message_count
+            ch.basic_qos(prefetch_count=2000)
+            for method, props, _body in ch.consume(self.name, auto_ack=True, inactivity_timeout=5):
+                if method is None:  # 5 s with nothing more: what was there is consumed
+                    break
+                seen[props.message_id] = seen.get(props.message_id, 0) + 1
+                left -= 1
+                if left <= 0:  # all that was counted is here: stop when nothing came meanwhile
+                    left = ch.queue_declare(self.name, passive=True).method.message_count
+                    if left == 0 and ch.get_waiting_message_count() == 0:
+                        break
+            ch.cancel()
+        return seen
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception), self._channel() as ch:  # best effort
+            ch.queue_delete(self.name)
+            ch.exchange_delete(self.name)
 
 
 def write_config(path: Path, sections: dict[str, dict[str, object]]) -> Path:

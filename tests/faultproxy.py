@@ -9,6 +9,7 @@ RabbitMQ) and changes the pace of the bytes, never their content.
         p.trickle(100)          # every later byte, both ways, at 100 bytes/s
         p.freeze()              # nothing passes any more; connections stay open
         p.thaw()                # back to passing everything
+        p.cut()                 # the target is down: connections dropped, new ones closed
 
 Every wait inside is bounded by the relay's own close: ``close()`` (or leaving
 the ``with``) ends every connection and thread.
@@ -30,6 +31,7 @@ class FaultProxy:
         self.direction = direction  # which way the mode applies: "down" (to us), "up", "both"
         self.rate = 0.0  # bytes per second when trickling; 0 passes at full speed
         self.frozen = False
+        self.down = False  # cut(): every connection is closed as soon as it is accepted
         self.connections = 0
         self._cv = threading.Condition()
         self._closed = False
@@ -52,8 +54,19 @@ class FaultProxy:
 
     def thaw(self) -> None:
         with self._cv:
-            self.rate, self.frozen = 0.0, False
+            self.rate, self.frozen, self.down = 0.0, False, False
             self._cv.notify_all()
+
+    def cut(self) -> None:
+        """The target goes down: open connections are reset, new ones closed at once."""
+        with self._cv:
+            self.down = True
+            socks, self._socks = self._socks, []
+            self._cv.notify_all()
+        for s in socks:
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)
+            s.close()
 
     def url(self, url: str) -> str:
         """``url`` with the target's host:port replaced by the relay's."""
@@ -67,6 +80,9 @@ class FaultProxy:
                 a, _ = self.sock.accept()
             except OSError:
                 return
+            if self.down:
+                a.close()
+                continue
             try:
                 b = socket.create_connection(self.target, timeout=10)
                 b.settimeout(None)
