@@ -56,13 +56,12 @@ import sys
 import tempfile
 import threading
 import time
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from http.server import ThreadingHTTPServer
 from pathlib import Path
 
-from _common import AMQP_URL, ROOT, machine
+from _common import AMQP_URL, ROOT, Sink, machine
 from esmond_sim import EsmondSim
 
 from tests.system import container as ct
@@ -116,37 +115,6 @@ def grow(series: list[tuple], step: int, stop: threading.Event) -> None:
             if last + step <= now:
                 h.add_points(key, et, count=1, step=step)
 
-
-class Sink:
-    """A throw-away topic exchange with one bounded queue on ``#``, held by no connection.
-
-    (An exclusive queue dies with its connection, and an idle BlockingConnection is
-    dropped by the broker after a few missed heartbeats: then every publish of the
-    runs that follow comes back unroutable.)
-    """
-
-    def __init__(self) -> None:
-        self.name = f"bench.psprobe.fleet-systemd.{uuid.uuid4().hex[:8]}"
-        with self._channel() as ch:
-            ch.exchange_declare(self.name, exchange_type="topic")
-            ch.queue_declare(self.name, arguments={"x-max-length": 1000})
-            ch.queue_bind(self.name, self.name, routing_key="#")
-
-    @staticmethod
-    @contextlib.contextmanager
-    def _channel() -> Iterator:
-        import pika
-
-        conn = pika.BlockingConnection(pika.URLParameters(AMQP_URL))
-        try:
-            yield conn.channel()
-        finally:
-            conn.close()
-
-    def close(self) -> None:
-        with contextlib.suppress(Exception), self._channel() as ch:  # best effort
-            ch.queue_delete(self.name)
-            ch.exchange_delete(self.name)
 
 
 @contextlib.contextmanager
@@ -318,12 +286,27 @@ class Sync:
     pid1_rss_mb: float
     ok: bool
     said: str  # the sync's last journal line
+    own: float  # from the start until its "timers enabled" line: psprobe's plan and files
+    # (the rest of `wall` is systemctl: daemon-reload, start/stop, and the unit's exit)
+
+
+def logged_at(c: ct.Container, unit: str, since: float, prefix: str) -> float | None:
+    """Host time at which ``unit`` logged its first line starting with ``prefix`` after ``since``."""
+    out = c.run(["journalctl", "-o", "json", "--output-fields=MESSAGE", "-u", unit,
+                 "--since", f"@{int(since)}"]).stdout
+    for line in out.splitlines():
+        with contextlib.suppress(ValueError, KeyError):
+            j = json.loads(line)
+            t = int(j["__REALTIME_TIMESTAMP"]) / 1e6
+            if t >= since and isinstance(j.get("MESSAGE"), str) and j["MESSAGE"].startswith(prefix):
+                return t
+    return None
 
 
 def sync(c: ct.Container) -> Sync:
     leader = c.leader
     cpu0 = cpu_seconds(leader)
-    t0 = time.monotonic()
+    t0, epoch0 = time.monotonic(), time.time()
     cp = c.systemctl("start", SYNC)
     wall = time.monotonic() - t0
     cpu1 = cpu_seconds(leader)
@@ -340,8 +323,21 @@ def sync(c: ct.Container) -> Sync:
     cpu2 = cpu_seconds(leader)
     said = [line for line in c.journal(SYNC).splitlines()
             if line.startswith("sync: ") and not line.startswith(("sync: added", "sync: removed"))]
+    files = logged_at(c, SYNC, epoch0, "timers enabled")
     return Sync(wall, settled, cpu1 - cpu0, cpu2 - cpu0, ct.rss_kb(leader) / 1024,
-                cp.returncode == 0, said[-1] if said else "(no summary line)")
+                cp.returncode == 0, said[-1] if said else "(no summary line)",
+                files - epoch0 if files else math.nan)
+
+
+def reload_floor(c: ct.Container, times: int = 3) -> list[tuple[float, float]]:
+    """(wall, PID 1 CPU) of bare ``systemctl daemon-reload``s: what systemd alone costs
+    with the fleet's units loaded, psprobe doing nothing."""
+    out = []
+    for _ in range(times):
+        cpu0, t0 = cpu_seconds(c.leader), time.monotonic()
+        c.systemctl("daemon-reload", check=True)
+        out.append((time.monotonic() - t0, cpu_seconds(c.leader) - cpu0))
+    return out
 
 
 # --- the runs, from each host's history.json
@@ -513,7 +509,7 @@ def main() -> int:
                          daemon=True).start()
         stack.callback(mesh.server_close)
         stack.callback(mesh.shutdown)
-        ex = Sink()
+        ex = Sink("fleet-systemd")
         stack.callback(ex.close)
         stack.callback(stop.set)
 
@@ -587,6 +583,7 @@ def main() -> int:
         sampler.stretch = "re-sync"
         mesh.doc = meshconfig({nm: urls[nm] for nm in names[CHANGED:]})  # type: ignore[attr-defined]
         second = sync(c)
+        floor = reload_floor(c)
         sampler.close()
         c.run(["systemctl", "stop", "psprobe-timers.target"])
 
@@ -602,6 +599,10 @@ def main() -> int:
     print(f"  {'':30} {'wall':>7} {'+jobs':>7} {'PID1 CPU':>8} {'+jobs':>6} {'PID1 RSS':>8}")
     print_sync(f"first: {n} hosts added", first)
     print_sync(f"re-sync: {CHANGED} out, {CHANGED} in", second)
+    print("  of which psprobe's own plan and files (until its \"timers enabled\" line): "
+          f"first {first.own:.2f}s, re-sync {second.own:.2f}s; the rest is systemctl")
+    print("  systemd alone, a bare daemon-reload with the fleet loaded (wall / PID 1 CPU): "
+          + ", ".join(f"{w:.2f}/{p:.2f}s" for w, p in floor))
     print("\nthe slice, looked at every 0.5 s (queued: collect units without a run slot)")
     for stretch in ("first sync", "first cycle", "observed", "drain", "re-sync"):
         print_peaks(stretch, sampler.peaks.get(stretch), slots)
