@@ -10,7 +10,7 @@ HTTP, spools every run (fsynced) and forwards it to the real broker
 ``--hosts`` testpoints, each with its own bearer token, are pushed by
 ``--clients`` keep-alive connections (threads in two client processes), each
 sending the next run as soon as the last was answered: the real records of
-``formats/pscheduler_http_archiver/`` in turn, each run with its own start time
+``tests/fixtures/pushed/real/`` (the http archiver's own records) in turn, each run with its own start time
 and host (so every message id differs).  The load stops after ``--seconds``;
 the clock stops once the broker has confirmed everything spooled (the spool's
 committed position reaches its end).
@@ -42,7 +42,7 @@ from pathlib import Path
 
 from _common import AMQP_URL, PSPROBE, ROOT, Sink, machine, write_config
 
-FORMATS = ROOT.parent / "shared" / "formats" / "pscheduler_http_archiver"
+FORMATS = ROOT / "tests" / "fixtures" / "pushed" / "real"  # pScheduler's http archiver's own
 MESH_RATE = 300 / 60  # results/s of the OSG/WLCG mesh: 300 hosts, a run a minute each
 TARGET = 50
 TICK = os.sysconf("SC_CLK_TCK")

@@ -33,13 +33,13 @@ from psprobe import config, convert, metrics, receive, state
 from psprobe.exits import Exit
 from psprobe.spool import Spool
 
-RECORDS = sorted((ROOT.parent / "shared" / "formats" / "pscheduler_http_archiver").glob("*.json"))
+# The real records (byte copies of shared/formats/pscheduler_http_archiver; see its README).
+RECORDS = sorted((ROOT / "tests" / "fixtures" / "pushed" / "real").glob("*.json"))
 LIMA, P104 = "lima-perfsonar-vm", "192.168.1.104"  # the records' measurement agents
 TOKENS = {LIMA: "tok-lima", P104: "tok-104", "stranger.example.org": "tok-stranger",
           "*": "tok-shared"}
 
-pytestmark = pytest.mark.skipif(not RECORDS, reason="../shared/formats/pscheduler_http_archiver "
-                                                   "is not here")
+assert RECORDS, "tests/fixtures/pushed/real/ holds the real records"
 
 
 def runs() -> list[tuple[str, dict]]:

@@ -33,7 +33,7 @@ from .conftest import BASE_CONFIG
 from .container import REPO, Container, wait_until
 from .test_systemd import Bus
 
-RECORD = REPO.parent / "shared" / "formats" / "pscheduler_http_archiver" / "rtt__ping_1.1.1.1.json"
+RECORD = REPO / "tests" / "fixtures" / "pushed" / "real" / "rtt__ping_1.1.1.1.json"  # a real one
 SOCKET = "psprobe-receive.socket"
 SERVICE = "psprobe-receive.service"
 DROPIN = f"/etc/systemd/system/{SOCKET}.d/50-test-port.conf"
