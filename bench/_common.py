@@ -154,6 +154,18 @@ class Sink:
             ch.exchange_delete(self.name)
 
 
+
+def idle_archive(sim):
+    """Three tests on ``sim``'s 127.0.0.1 that ended a minute ago: after a first run, every
+    run of that host finds nothing new (one metadata request, no broker connection).
+    Returns the simulated host."""
+    now = int(time.time())
+    h = sim.host("127.0.0.1")
+    for t in ("latencybg", "throughput", "trace"):
+        h.add_test(t, start=now - 3600, end=now - 60, step=60)
+    return h
+
+
 def write_config(path: Path, sections: dict[str, dict[str, object]]) -> Path:
     lines = []
     for section, kv in sections.items():

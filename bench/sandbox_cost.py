@@ -42,7 +42,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from _common import ROOT, Exchange, machine
+from _common import ROOT, Exchange, idle_archive, machine
 from esmond_sim import EsmondSim
 
 from psprobe import hostnames
@@ -350,10 +350,7 @@ def main() -> int:
     base = ct.prepare_root()
     per = -(-args.runs // args.rounds)
     with EsmondSim("127.0.0.1", 0) as sim, ct.booted(base) as c:
-        now = int(time.time())
-        h = sim.host("127.0.0.1")
-        for t in ("latencybg", "throughput", "trace"):
-            h.add_test(t, start=now - 3600, end=now - 60, step=60)
+        idle_archive(sim)
         ex = Exchange("sandbox")
         try:
             b = setup(c, args.tree, unit_text, sim.port, ex.name, not args.no_compile)

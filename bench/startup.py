@@ -16,10 +16,9 @@ from __future__ import annotations
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-from _common import PSPROBE, Exchange, machine, run, write_config
+from _common import PSPROBE, Exchange, idle_archive, machine, run, write_config
 from esmond_sim import EsmondSim
 
 REPEAT = 7
@@ -38,10 +37,7 @@ def main() -> int:
     print(machine())
     with tempfile.TemporaryDirectory(prefix="psprobe-bench-") as d, \
             EsmondSim("127.0.0.1", 0) as sim:
-        now = int(time.time())
-        h = sim.host("127.0.0.1")
-        for t in ("latencybg", "throughput", "trace"):
-            h.add_test(t, start=now - 3600, end=now - 60, step=60)
+        h = idle_archive(sim)
         ex = Exchange("startup")
         try:
             conf = write_config(Path(d) / "psprobe.conf", {

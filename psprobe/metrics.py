@@ -275,11 +275,15 @@ def write_received(directory: str, host: str, rec: dict[str, Any] | None,
 
 def remove_received(directory: str, hosts: Iterable[str]) -> None:
     """Hosts that no longer push here: their series stop."""
+    _remove(directory, map(push_file, hosts))
+
+
+def _remove(directory: str, names: Iterable[str]) -> None:
     if not directory:
         return
-    for h in hosts:
+    for name in names:
         with contextlib.suppress(OSError):
-            (Path(directory) / push_file(h)).unlink()
+            (Path(directory) / name).unlink()
 
 
 def _write(directory: str, name: str, text: str) -> bool:
@@ -316,11 +320,7 @@ def write_host(directory: str, host: str, doc: dict[str, Any]) -> bool:
 
 def remove_hosts(directory: str, hosts: Iterable[str]) -> None:
     """Hosts that left every mesh: their series stop, rather than freeze at their last value."""
-    if not directory:
-        return
-    for h in hosts:
-        with contextlib.suppress(OSError):
-            (Path(directory) / host_file(h)).unlink()
+    _remove(directory, map(host_file, hosts))
 
 
 def write_sync(directory: str, rec: dict[str, Any]) -> bool:

@@ -380,19 +380,21 @@ def _write_target(sd: str, host: str, rec: dict[str, Any]) -> None:
         os.close(dfd)
 
 
+def _gone_because(p: Plan, host: str) -> str | None:
+    """Why an enabled host goes (or would go) when it is not that no mesh names it."""
+    if host in p.elsewhere:
+        return f"shard {p.elsewhere[host]} collects it now"
+    return "it pushes here now" if host in p.pushing else None
+
+
 def describe(p: Plan) -> str:
     """The plan as text, for --dry-run and the log."""
-    pushing = set(p.pushing)
-
     def why(h: str) -> str:
-        if h in p.elsewhere:
-            return f"shard {p.elsewhere[h]} collects it now"
-        return "it pushes here now" if h in pushing else "no mesh names it"
+        return _gone_because(p, h) or "no mesh names it"
 
     lines = [p.split.line()] if p.split else []
     lines += [f"add    {h}  {p.targets[h]['read_url']}" for h in p.added]
-    lines += [f"remove {h}" + (f"  ({why(h)})" if h in p.elsewhere or h in pushing else "")
-              for h in p.removed]
+    lines += [f"remove {h}" + (f"  ({why(h)})" if _gone_because(p, h) else "") for h in p.removed]
     lines += [f"keep   {h}  {p.targets[h]['read_url']}" for h in p.kept]
     lines += [f"hold   {h}  ({why(h)}, kept while a mesh fails)" for h in p.held]
     lines += [f"push   {h}" for h in p.pushing]
@@ -444,11 +446,9 @@ def run(cfg: Config, unit_dir: Path, *, dry_run: bool = False,
         return None, Exit.STATE
     for h in p.added:
         log.info("sync: added %s (%s)", h, p.targets[h]["read_url"])
-    pushing = set(p.pushing)
     for h in p.removed:
-        log.info("sync: removed %s%s", h,
-                 f" (shard {p.elsewhere[h]} collects it now)" if h in p.elsewhere
-                 else " (it pushes here now)" if h in pushing else "")
+        because = _gone_because(p, h)
+        log.info("sync: removed %s%s", h, f" ({because})" if because else "")
     log.log(logging.WARNING if p.failed else logging.INFO,
             "sync: %s hosts=%d added=%d removed=%d kept=%d held=%d failed_meshes=%d pushing=%d%s "
             "duration=%.2fs", "FAILED" if p.failed else "ok", len(p.targets), len(p.added),
