@@ -330,37 +330,53 @@ def test_a_full_spool_answers_503_with_retry_after_and_writes_nothing(tmp_path, 
     assert received(r.cfg, P104)["runs"] == 0 and received(r.cfg, P104)["refused"]["count"] == 1
 
 
+def send_until_answered(port: int, header: bytes, piece: bytes, total: int) -> tuple[int, bytes]:
+    """POST `piece` repeatedly up to `total` bytes, stopping as soon as the server answers (as
+    curl does); return the bytes sent and the answer."""
+    with socket.create_connection(("127.0.0.1", port)) as s:
+        s.sendall(b"POST / HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer tok-lima\r\n"
+                  + header + b"\r\n")
+        sent = 0
+        while sent < total:
+            readable, writable, _ = select.select([s], [s], [], 30)
+            if readable or not writable:
+                break
+            try:
+                sent += s.send(piece)
+            except OSError:
+                break
+        answer = b""
+        try:  # the head and the body its Content-Length announces, or what came before a reset
+            while not answered_whole(answer) and (more := s.recv(65536)):
+                answer += more
+        except ConnectionResetError:
+            pass
+        return sent, answer
+
+
+def answered_whole(answer: bytes) -> bool:
+    head, found, body = answer.partition(b"\r\n\r\n")
+    length = [int(line.split(b":")[1]) for line in head.split(b"\r\n")
+              if line.lower().startswith(b"content-length:")]
+    return bool(found) and len(body) >= (length[0] if length else 0)
+
 def test_a_100mb_body_is_refused_at_max_body_without_being_sent_whole(tmp_path, running,
                                                                       caplog):
     r = running(make_config(tmp_path, max_body="1M"))
     hundred = 100 << 20
     # Content-Length: refused from the head, before a byte of the body is read
-    with socket.create_connection(("127.0.0.1", r.port)) as s:
-        s.sendall(b"POST / HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer tok-lima\r\n"
-                  b"Content-Length: %d\r\n\r\n" % hundred)
-        sent, chunk = 0, b"x" * (1 << 16)
-        while sent < hundred:  # as curl does: stop sending once an answer comes
-            readable, writable, _ = select.select([s], [s], [], 30)
-            if readable or not writable:
-                break
-            try:
-                sent += s.send(chunk)
-            except OSError:
-                break
-        answer = s.recv(4096)
+    sent, answer = send_until_answered(
+        r.port, b"Content-Length: %d\r\n" % hundred, b"x" * (1 << 16), hundred)
     assert answer.startswith(b"HTTP/1.1 413 ")
     assert sent < hundred // 4
-    # chunked (a streamed body of unknown size): refused once the count passes max_body
-    streamed = [0]
-
-    def body():
-        for _ in range(100):
-            streamed[0] += 1 << 20
-            yield b"y" * (1 << 20)
-
-    ans = requests.post(r.url, data=body(), headers=bearer(LIMA), timeout=30)
-    assert ans.status_code == 413 and "max_body" in ans.text
-    assert streamed[0] < hundred // 4
+    # chunked (a streamed body of unknown size): refused once the count passes max_body.
+    # A raw socket, as curl and pScheduler behave: stop sending once an answer comes. (How a
+    # requests generator body reacts to an early answer depends on its urllib3: EL9's raises.)
+    mib = b"y" * (1 << 20)
+    sent, answer = send_until_answered(
+        r.port, b"Transfer-Encoding: chunked\r\n", b"%x\r\n%s\r\n" % (len(mib), mib), hundred)
+    assert answer.startswith(b"HTTP/1.1 413 ") and b"max_body" in answer
+    assert sent < hundred // 4
     lines = warnings(caplog)
     assert len(lines) == 2 and all("413" in line for line in lines), lines
     assert r.stop() == Exit.OK
