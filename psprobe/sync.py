@@ -301,9 +301,14 @@ def apply(cfg: Config, p: Plan, unit_dir: Path, *, now: float,
     # An older psprobe's links (timers.target.wants) move under the parent first;
     # when there are none this is one directory listing.
     units.migrate(unit_dir, sd, template_dir=Path(cfg.mesh.template_dir), systemctl=run)
-    for host, t in p.targets.items():
-        _write_target(sd, host, {"host": host, "read_url": t["read_url"],
-                                 "meshes": sorted(set(t["meshes"]))})
+    hfd = state.hosts_dir_fd(sd)
+    try:
+        added = set(p.added)
+        for host, t in p.targets.items():
+            _write_target(sd, hfd, host, {"host": host, "read_url": t["read_url"],
+                                          "meshes": sorted(set(t["meshes"]))}, new=host in added)
+    finally:
+        os.close(hfd)
     units.apply(unit_dir, p.added, p.removed, template_dir=Path(cfg.mesh.template_dir),
                 interval=lambda host: cfg.for_host(host).collect.interval, systemctl=run)
     for host in p.removed:
@@ -351,24 +356,24 @@ def _since(old: Any, pushing: list[str], now: float) -> dict[str, float]:
     return {h: old[h] if isinstance(old.get(h), (int, float)) else now for h in pushing}
 
 
-def _write_target(sd: str, host: str, rec: dict[str, Any]) -> None:
+def _write_target(sd: str, hosts_fd: int, host: str, rec: dict[str, Any], *, new: bool) -> None:
     """``hosts/<host>/target.json``, rewritten only when it changes.
 
     Not fsynced (2 000 hosts would cost 4 000 fsyncs per first sync): a record
     lost or torn by a crash reads as missing, collect then uses the default
     read URL with a warning, and the next sync, finding it different, writes it
-    again.  A host seen for the first time (its directory made here) gets it
-    written straight, with nothing to read or replace.
+    again.  A ``new`` host whose directory is made here gets it written
+    straight, with nothing to read or replace.
     """
     path = state.host_file(sd, host, state.TARGET)
-    dfd = state.new_host_dir_fd(sd, host)
+    dfd = state.new_host_dir_fd(sd, host, hosts_fd=hosts_fd) if new else None
     if dfd is not None:
         try:
             state.create_at(dfd, state.TARGET, state.dumps(rec), 0o644, path=path)
         finally:
             os.close(dfd)
         return
-    dfd = state.host_dir_fd(sd, host, create=True)
+    dfd = state.host_dir_fd(sd, host, create=True, hosts_fd=hosts_fd)
     try:
         try:
             old = state.read_json_at(dfd, state.TARGET, path=path)

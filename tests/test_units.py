@@ -31,16 +31,24 @@ def name(host: str) -> str:
 
 class Systemctl(list):
     """A stand-in for systemctl, passed in where units takes one: records each call
-    (the list is the calls), answers ``rc`` with ``stderr``, and ``show`` with ``out``."""
+    (the list is the calls), answers ``rc`` with ``stderr``, and ``show`` with ``out``;
+    ``list-units`` as systemd would: the target (loaded, ActiveState ``target``) and
+    the timers already loaded, named in ``stale``."""
 
-    def __init__(self, rc: int = 0, stderr: str = "", out: str = "") -> None:
+    def __init__(self, rc: int = 0, stderr: str = "", out: str = "",
+                 target: str = "active", stale: tuple[str, ...] = ()) -> None:
         super().__init__()
         self.rc, self.stderr, self.out = rc, stderr, out
+        self.target, self.stale = target, stale
 
     def __call__(self, *args: str, **kw) -> subprocess.CompletedProcess:
         self.append(args)
-        return subprocess.CompletedProcess(["systemctl", *args], self.rc,
-                                           self.out if args[0] == "show" else "", self.stderr)
+        out = self.out if args[0] == "show" else ""
+        if args[0] == "list-units":  # the loaded ones of the names asked for
+            out = "".join(f"{n} loaded {self.target} x description\n" if n == units.TARGET else
+                          f"{n} loaded inactive dead description\n"
+                          for n in args if n == units.TARGET or n in self.stale)
+        return subprocess.CompletedProcess(["systemctl", *args], self.rc, out, self.stderr)
 
 
 def enable_target(unit_dir: Path) -> None:
@@ -93,18 +101,23 @@ def test_remove_touches_only_psprobe_links_of_removed_hosts(tmp_path):
     assert not [e for e in os.listdir(w) if e.endswith(".tmp")]
 
 
+def loaded(*names: str) -> tuple[str, ...]:
+    return ("list-units", "--all", "--plain", "--no-legend", "--full", units.TARGET, *names)
+
+
 def test_systemctl_runs_once_per_step_and_only_on_change(tmp_path, calls):
-    # New timers get their drop-in before the reload; starting their parent starts them
-    # (tests/system: an active target started again starts the timers it newly wants).
+    # A few new timers: loaded fresh by the show (none was loaded before), then started by
+    # name with their drop-ins (tests/system: no daemon-reload needed); removed ones stopped.
     units.apply(tmp_path, HOSTS[:2], [], template_dir=Path("/t"), systemctl=calls)
-    assert calls == [("daemon-reload",), ("start", "--no-block", units.TARGET)]
+    new = sorted(name(h) for h in HOSTS[:2])
+    assert calls == [loaded(*new), ("start", "--no-block", *new)]
     calls.clear()
     units.apply(tmp_path, HOSTS[:2], [], template_dir=Path("/t"), systemctl=calls)
-    assert calls == []  # nothing changed: no reload
+    assert calls == []  # nothing changed: no call
     units.apply(tmp_path, HOSTS[1:], [HOSTS[0]], template_dir=Path("/t"), systemctl=calls)
     assert calls == [
-        ("daemon-reload",),
-        ("start", "--no-block", units.TARGET),
+        loaded(name(HOSTS[2])),
+        ("start", "--no-block", name(HOSTS[2])),
         ("stop", "--no-block", name(HOSTS[0])),
     ]
     assert os.readlink(wants(tmp_path) / name(HOSTS[1])) == "/t/psprobe@.timer"
@@ -117,18 +130,47 @@ def test_a_thousand_new_hosts_are_two_systemctl_calls(tmp_path, calls):
     assert units.enabled_hosts(tmp_path) == set(hosts)
 
 
-def test_while_paused_sync_links_and_reloads_but_starts_nothing(tmp_path, caplog):
+def test_a_hundred_in_and_out_of_two_thousand_start_and_stop_by_name(tmp_path, calls):
+    """The re-sync of a loaded fleet: no daemon-reload (seconds of PID 1 at this size)."""
+    hosts = [f"ps{i:04d}.example.org" for i in range(2100)]
+    units.apply(tmp_path, hosts[:2000], [], systemctl=None)
+    units.apply(tmp_path, hosts[100:], hosts[:100], systemctl=calls)
+    new, gone = [name(h) for h in hosts[2000:]], [name(h) for h in hosts[:100]]
+    assert calls == [loaded(*new), ("start", "--no-block", *new), ("stop", "--no-block", *gone)]
+
+
+def test_a_new_timer_loaded_with_an_older_configuration_is_reloaded(tmp_path):
+    # A host removed and back within one boot (its unit still loaded, the drop-in new), or a
+    # timer looked at before sync enabled it: loaded already, it may hold an older schedule.
+    enable_target(tmp_path)
+    new = sorted(name(h) for h in HOSTS[:2])
+    stale = Systemctl(stale=(new[1],))
+    units.apply(tmp_path, HOSTS[:2], [], systemctl=stale)
+    assert stale == [loaded(*new), ("daemon-reload",), ("start", "--no-block", units.TARGET)]
+
+
+def test_a_stopped_target_is_reloaded_before_it_starts_again(tmp_path):
+    # Enabled but stopped (by hand): started by name, the target would start the timers it
+    # wanted at the last reload, hosts gone since among them.
+    enable_target(tmp_path)
+    stopped = Systemctl(target="inactive")
+    units.apply(tmp_path, HOSTS[:1], [], systemctl=stopped)
+    assert stopped == [loaded(name(HOSTS[0])), ("daemon-reload",),
+                       ("start", "--no-block", units.TARGET)]
+
+
+def test_while_paused_sync_links_but_starts_nothing(tmp_path, caplog):
     sc = Systemctl()
     os.makedirs(wants(tmp_path))
     os.symlink(TEMPLATES / units.SYNC_TIMER, wants(tmp_path) / units.SYNC_TIMER)
     assert units.paused(tmp_path)  # the sync timer enabled under a disabled target
     with caplog.at_level(logging.INFO, logger="psprobe"):
         units.apply(tmp_path, HOSTS[:2], [], systemctl=sc)
-    assert sc == [("daemon-reload",)]
+    assert sc == []  # `psprobe resume` (systemctl enable: a reload) starts them
     assert "paused" in caplog.text and "start at `psprobe resume`" in caplog.text
     assert units.enabled_hosts(tmp_path) == set(HOSTS[:2])
     units.apply(tmp_path, [], HOSTS[:1], systemctl=sc)  # removal stops, paused or not
-    assert sc[1:] == [("daemon-reload",), ("stop", "--no-block", name(HOSTS[0]))]
+    assert sc == [("stop", "--no-block", name(HOSTS[0]))]
     enable_target(tmp_path)
     assert not units.paused(tmp_path)
 
@@ -146,7 +188,7 @@ def test_link_to_another_target_is_repointed(tmp_path, calls):
     os.symlink("/old/place/psprobe@.timer", w / name(HOSTS[0]))
     units.apply(tmp_path, [HOSTS[0]], [], systemctl=calls)
     assert os.readlink(w / name(HOSTS[0])) == str(TEMPLATES / "psprobe@.timer")
-    assert calls[0] == ("daemon-reload",)
+    assert calls == [loaded(name(HOSTS[0])), ("start", "--no-block", name(HOSTS[0]))]
 
 
 def test_failed_reload_raises_and_starts_nothing(tmp_path):
@@ -154,7 +196,8 @@ def test_failed_reload_raises_and_starts_nothing(tmp_path):
     seen = Systemctl(rc=1, stderr="Access denied")
     with pytest.raises(units.UnitsError, match="daemon-reload: Access denied"):
         units.apply(tmp_path, HOSTS, [], systemctl=seen)
-    assert seen == [("daemon-reload",)]
+    # an unanswered list-units counts as "may be stale": the reload is the safe way
+    assert seen == [loaded(*sorted(name(h) for h in HOSTS)), ("daemon-reload",)]
     assert units.enabled_hosts(tmp_path) == set(HOSTS)  # enablement stays: next boot starts them
 
 

@@ -56,6 +56,7 @@ SLACK = 2  # seconds: AccuracySec=1s, and the journal's view of systemd's start
 # systemd's "Starting UNIT..." (SD_MESSAGE_UNIT_STARTING): one per run, stamped by PID 1.
 UNIT_STARTING = "7d4958e842da4a758f6c1cdc7b36dcc5"
 EDITOR = "/usr/local/bin/psprobe-test-editor"
+LATE = "rl-late.example.sim"
 EDITED = ("/etc/systemd/system/psprobe@.timer.d/override.conf",
           "/etc/systemd/system/psprobe@.service.d/override.conf")
 
@@ -160,6 +161,7 @@ def world(container: Container) -> Iterator[World]:
     threading.Thread(target=mesh.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
     w = World(c, sim, mesh)
     names = [f"rl-{i:02d}.example.sim" for i in range(HOSTS + 1)]  # the last one joins later
+    names.append(LATE)  # and this one at the end
     slow = [f"rl-slow-{i:02d}.example.sim" for i in range(SLOW_HOSTS)]
     for n in names + slow:
         w.archives[n] = f"http://{n}:{sim.port}/esmond/perfsonar/archive/"
@@ -332,3 +334,46 @@ def test_a_host_that_leaves_loses_its_dropin(world):
     assert not c.path(f"/etc/systemd/system/{units.WANTS}/{t}").exists()
     assert c.systemctl("show", "-p", "ActiveState", t).stdout.strip() == "ActiveState=inactive"
     assert c.path(f"/etc/systemd/system/{world.timers()[1]}.d/10-phase.conf").exists()
+
+
+def _reloads(c: Container) -> int:
+    """daemon-reloads PID 1 did so far (its "Reloading..." line for each)."""
+    out = c.run(["journalctl", "-o", "cat", "_PID=1"]).stdout
+    return sum(1 for line in out.splitlines() if line.startswith("Reloading") and
+               not line.startswith("Reloading requested"))
+
+
+def _on_its_calendar(world: World, host: str) -> None:
+    t = units.timer_name(host)
+    shown = world.c.systemctl("show", "-p", "TimersCalendar", "-p", "ActiveState", t).stdout
+    props = dict(line.split("=", 1) for line in shown.splitlines() if "=" in line)
+    assert props["ActiveState"] == "active", props
+    assert units.on_calendar(host, SLOW).split()[1] in props["TimersCalendar"], props
+    when = world.next_elapse([host])[t]
+    assert round(when) % SLOW == units.phase(host, SLOW), t
+
+
+def test_a_host_that_joins_starts_by_name_with_its_calendar_and_no_reload(world):
+    """A re-sync of a loaded fleet: its new timers start by name, read from disk with
+    their drop-in when first loaded; a daemon-reload would cost PID 1 seconds at 2 000."""
+    c = world.c
+    before = _reloads(c)
+    late = f"{LATE}:{world.sim.port}"
+    world.set_mesh([n for n in sorted(world.archives)
+                    if not world.hosts[0].startswith(n + ":")])  # still without the one that left
+    world.sync()
+    assert _reloads(c) == before, "the sync reloaded systemd"
+    _on_its_calendar(world, late)  # [collect] interval = 2min since the interval test
+    assert units.TARGET in c.systemctl("show", "-p", "PartOf", units.timer_name(late)).stdout
+
+
+def test_a_host_back_within_the_boot_gets_its_calendar_through_a_reload(world):
+    """The host that left is still loaded (the target wanted it at the last reload) and its
+    drop-in is new: systemd says NeedDaemonReload, and sync reloads before it starts."""
+    c = world.c
+    back = world.hosts[0]
+    before = _reloads(c)
+    world.set_mesh(sorted(world.archives))
+    world.sync()
+    assert _reloads(c) == before + 1
+    _on_its_calendar(world, back)
