@@ -8,7 +8,6 @@ minutes).
 from __future__ import annotations
 
 import logging
-import os
 import signal
 import sys
 
@@ -20,36 +19,27 @@ log = logging.getLogger("psprobe")
 
 
 def _config(ctx: click.Context):
-    from psprobe import config
-    from psprobe.exits import Exit
+    from psprobe import oneshot
 
-    try:
-        return config.load(ctx.obj["config"])
-    except config.ConfigError as e:
-        _fail(str(e), Exit.CONFIG)
+    return oneshot.load_config(ctx.obj["config"])
 
 
 def _host(name: str) -> str:
-    from psprobe import hostnames
-    from psprobe.exits import Exit
+    from psprobe import oneshot
 
-    try:
-        return hostnames.from_instance(name)
-    except hostnames.BadHost as e:
-        _fail(f"{name!r}: not a valid host: {e}", Exit.USAGE)
+    return oneshot.parse_host(name)
 
 
 def _as_state_owner(cfg, host: str) -> None:
-    """Started as root: run as the owner of the host's state directory (psprobe), so a run by
-    hand leaves nothing a timer run cannot use (bin/psprobe may have done it already)."""
-    from psprobe import slots
+    from psprobe import oneshot
 
-    slots.drop_to_owner(cfg.for_host(host).collect.state_dir)
+    oneshot.as_state_owner(cfg, host)
 
 
 def _fail(line: str, status: int):
-    log.error("%s", line)
-    sys.exit(status)
+    from psprobe import oneshot
+
+    oneshot.fail(line, status)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -85,45 +75,9 @@ def collect(ctx: click.Context, host: str, dry_run: bool) -> None:
     2 bad host name, 69 broker failure, 74 state directory unusable, 78 bad
     configuration (README: "Exit status of psprobe collect").
     """
-    from psprobe import runner
+    from psprobe import oneshot
 
-    cfg = _config(ctx)
-    h = _host(host)
-    _as_state_owner(cfg, h)
-    if not dry_run:
-        from psprobe import slots
-
-        # Already held when bin/psprobe took it before the imports.
-        slots.hold(cfg.collect.runtime_dir, cfg.collect.max_concurrent)
-    got = _stop_on_signals()
-    status = runner.collect_host(cfg, h, dry_run=dry_run)
-    if got:  # recorded: now end as the signal asked, without waiting for fetch threads
-        sys.stderr.flush()
-        signal.signal(got[0], signal.SIG_DFL)
-        os.kill(os.getpid(), got[0])
-    sys.exit(status)
-
-
-def _stop_on_signals() -> list[int]:
-    """SIGTERM (systemctl stop, pause -f, TimeoutStartSec) and SIGINT end the run as a
-    failure with its reason on record; returns the list the signal's number goes in.
-
-    A second signal is ignored while the run records itself (systemd's
-    TimeoutStopSec still bounds that with SIGKILL).
-    """
-    from psprobe.collect import Stopped
-
-    got: list[int] = []
-
-    def stop(signum: int, _frame: object) -> None:
-        for s in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(s, signal.SIG_IGN)
-        got.append(signum)
-        raise Stopped(signal.Signals(signum).name)
-
-    for s in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(s, stop)
-    return got
+    oneshot.collect(ctx.obj["config"], host, dry_run=dry_run)
 
 
 @main.command()

@@ -201,19 +201,17 @@ def _read(path: str | None) -> tuple[str, int, str, bool] | None:
     return runtime_dir, n, state_dir, host_state
 
 
-def early(argv: list[str]) -> Slot | None:
-    """From ``bin/psprobe``: for ``[--config P] [-v] collect HOST``, hold a slot now.
-
-    Anything else (another command, --dry-run, --help, an option this does not
-    know) returns None untouched: the CLI takes the slot after its imports.
-    """
-    config = None
+def unit_command(argv: list[str]) -> tuple[str | None, bool, str] | None:
+    """``(config, verbose, HOST)`` of ``[--config P] [-v] collect HOST``, the command line
+    psprobe@.service runs; None for anything else (another command, --dry-run, --help,
+    an option this does not know)."""
+    config, verbose = None, False
     args = list(argv)
     while args and args[0].startswith("-"):
         a = args.pop(0)
         if a in ("-v", "--verbose"):
-            continue
-        if a == "--config" and args:
+            verbose = True
+        elif a == "--config" and args:
             config = args.pop(0)
         elif a.startswith("--config="):
             config = a[len("--config="):]
@@ -221,6 +219,18 @@ def early(argv: list[str]) -> Slot | None:
             return None
     if len(args) != 2 or args[0] != "collect" or args[1].startswith("-"):
         return None
+    return config, verbose, args[1]
+
+
+def early(argv: list[str]) -> Slot | None:
+    """From ``bin/psprobe``: for the unit's command line (:func:`unit_command`), hold a
+    slot now.  Anything else returns None untouched: the CLI takes the slot after its
+    imports.
+    """
+    unit = unit_command(argv)
+    if unit is None:
+        return None
+    config = unit[0]
     found = _read(config)
     if found is None:
         return None

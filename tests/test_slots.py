@@ -231,3 +231,38 @@ def test_a_waiting_collect_waits_before_its_imports_then_runs(tmp_path):
             os.close(fd)
         p.kill()
         p.wait(10)
+
+
+@pytest.mark.parametrize(("argv", "unit"), [
+    (["collect", "h"], (None, False, "h")),
+    (["-v", "--config", "/c", "collect", "h"], ("/c", True, "h")),
+    (["--config=/c", "--verbose", "collect", "h"], ("/c", True, "h")),
+    (["collect", "h", "--dry-run"], None),
+    (["collect", "--dry-run", "h"], None),
+    (["--version", "collect", "h"], None),
+    (["status", "collect"], None),
+])
+def test_the_units_command_line_is_told_apart(argv, unit):
+    assert slots.unit_command(argv) == unit
+
+
+def test_the_units_collect_runs_without_importing_click(tmp_path):
+    """psprobe@.service's `collect HOST` (2 000 runs per interval) skips click: the same run,
+    the same summary line and exit status as through the CLI."""
+    conf = write_config(tmp_path / "psprobe.conf", {
+        "collect": {"state_dir": tmp_path / "state", "runtime_dir": tmp_path / "run"},
+        "archive": {"timeout": "2s", "retries": 0, "schemes": "http"},
+    })
+    argv = [sys.executable, str(ROOT / "bin" / "psprobe"), "--config", str(conf)]
+    env = {**_env(), "PYTHONPROFILEIMPORTTIME": "1"}
+    unit = subprocess.run([*argv, "collect", "127.0.0.1:9"], capture_output=True, text=True,
+                          env=env, timeout=60)
+    typed = subprocess.run([*argv, "collect", "127.0.0.1:9", "--dry-run"], capture_output=True,
+                           text=True, env=env, timeout=60)
+    imported = [[line.rsplit("|", 1)[-1].strip() for line in cp.stderr.splitlines()
+                 if line.startswith("import time:")] for cp in (unit, typed)]
+    assert "click" in imported[1]  # the dry run goes through the CLI
+    assert "click" not in imported[0] and "psprobe.oneshot" in imported[0]
+    for cp in (unit, typed):
+        assert cp.returncode == 1, cp.stderr[-2000:]
+        assert "collect 127.0.0.1:9: FAILED" in cp.stderr
