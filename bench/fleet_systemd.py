@@ -470,6 +470,13 @@ def print_syncs(n: int, first: Sync, second: Sync, floor: list[tuple[float, floa
           + ", ".join(f"{w:.2f}/{p:.2f}s" for w, p in floor))
 
 
+def sync_verdicts(first: Sync, second: Sync) -> str:
+    """Each sync against the target: the first (once per machine) and the re-sync (every
+    30 minutes, the one that recurs)."""
+    return (f"first {first.wall:.2f}s: {verdict(first.wall < 3)}; "
+            f"re-sync {second.wall:.2f}s: {verdict(second.wall < 3)}")
+
+
 def verdict(ok: bool) -> str:
     return "met" if ok else "NOT met"
 
@@ -566,9 +573,7 @@ def main() -> int:
             floor = reload_floor(c)
             c.run(["systemctl", "stop", "psprobe-timers.target"])
             print_syncs(n, first, second, floor)
-            slowest = max(first.wall, second.wall)
-            print(f"\nsync under 3 s: first {first.wall:.2f}s, re-sync {second.wall:.2f}s: "
-                  f"{verdict(slowest < 3)}")
+            print(f"\nsync under 3 s: {sync_verdicts(first, second)}")
             return 0
         sampler.stretch = "first cycle"
         if args.grow:
@@ -647,12 +652,10 @@ def main() -> int:
     periods = observed.periods
     in_band = bool(periods) and all(abs(p - interval) <= interval / 10 for p in periods)
     pk = sampler.peaks.get("observed", Peaks())
-    slowest = max(first.wall, second.wall)
     target_fleet = n == 2000 and interval == 600
     print(f"\ntargets (issue 15), {n} hosts every {interval // 60} min"
           f"{'' if target_fleet else ' (scaled to 2000 every 10 min where noted)'}:")
-    print(f"  sync under 3 s                     first {first.wall:.2f}s, re-sync "
-          f"{second.wall:.2f}s: {verdict(slowest < 3)}")
+    print(f"  sync under 3 s                     {sync_verdicts(first, second)}")
     if periods:
         print(f"  period within +-10% of {interval}s      {min(periods):.1f}..{max(periods):.1f}s "
               f"({100 * sum(abs(p - interval) <= interval / 10 for p in periods) / len(periods):.1f}%"
