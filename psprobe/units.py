@@ -248,7 +248,8 @@ def _create_dropin(unit_dir: Path, name: str, text: str) -> bool:
     The common case of a first sync, 2 000 times: a mkdir and one file, where
     :func:`_write_dropin` reads, writes a temp and renames.  A crash half-way
     leaves a short or missing file that the next sync, reading it, rewrites
-    (no reload happens in between: sync reloads after writing them all).
+    (systemd reads none before sync has written them all: the reload or the
+    starts come after).
     """
     d = os.path.join(unit_dir, f"{name}.d")
     try:
