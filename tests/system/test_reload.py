@@ -377,3 +377,28 @@ def test_a_host_back_within_the_boot_gets_its_calendar_through_a_reload(world):
     world.sync()
     assert _reloads(c) == before + 1
     _on_its_calendar(world, back)
+
+
+def test_pause_and_resume_take_the_timers_started_by_name_along(world):
+    """A timer started by name is not in the target's list until the next reload, but its
+    PartOf= stops it with the target; `psprobe resume` reloads (systemctl enable), so a
+    host removed without a reload does not come back with it."""
+    c = world.c
+    late, gone = f"{LATE}:{world.sim.port}", world.hosts[1]
+    world.set_mesh([n for n in sorted(world.archives) if not gone.startswith(n + ":")])
+    before = _reloads(c)
+    world.sync()
+    assert _reloads(c) == before  # only a removal: stopped by name
+    timers = [units.timer_name(h) for h in (late, gone)]
+
+    def active() -> dict[str, str]:
+        out = c.systemctl("show", "-p", "Id", "-p", "ActiveState", *timers).stdout
+        blocks = [dict(x.split("=", 1) for x in b.splitlines() if "=" in x) for b in out.split("\n\n")]
+        return {b["Id"]: b["ActiveState"] for b in blocks if "Id" in b}
+
+    assert active() == {timers[0]: "active", timers[1]: "inactive"}
+    assert c.run(["psprobe", "pause"]).returncode == 0
+    assert active() == {timers[0]: "inactive", timers[1]: "inactive"}
+    assert c.run(["psprobe", "resume"]).returncode == 0
+    assert active() == {timers[0]: "active", timers[1]: "inactive"}
+    _on_its_calendar(world, late)
