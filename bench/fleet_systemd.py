@@ -5,6 +5,7 @@
     python3 bench/fleet_systemd.py --quick     # 200 hosts, 2 min interval: ~6 minutes
     python3 bench/fleet_systemd.py --rev 278d28e   # the same, psprobe from that git revision
     python3 bench/fleet_systemd.py --syncs     # only the first sync and a re-sync: ~3 minutes
+    python3 bench/fleet_systemd.py --https     # archives over HTTPS, as most real ones
 
 The system tests' container (tests/system/container.py) boots systemd 252 with
 psprobe installed as the package lays it out, from the working tree or from
@@ -64,6 +65,7 @@ from pathlib import Path
 
 from _common import AMQP_URL, ROOT, Sink, machine
 from esmond_sim import EsmondSim
+from tlsutil import make_pki
 
 from tests.system import container as ct
 
@@ -74,6 +76,8 @@ EVENT_TYPES = ("throughput", "packet-retransmits")  # per test; both collected b
 HISTORY = 3600  # seconds of points each series holds before its first run
 TICK = os.sysconf("SC_CLK_TCK")
 SYNC = "psprobe-sync.service"
+DOMAIN = "fleet.example.sim"
+CA = "/etc/psprobe/fleet-ca.crt"  # --https: the archives' CA, in the container
 
 
 # --- the world: archives, mesh, container
@@ -484,11 +488,12 @@ def verdict(ok: bool) -> str:
 # --- the benchmark
 
 
-def config(mesh_port: int, exchange: str, interval: int) -> str:
+def config(mesh_port: int, exchange: str, interval: int, ca: str | None = None) -> str:
     return ("[collect]\nstate_dir = /var/lib/psprobe\n"
             + (f"interval = {interval // 60}min\n" if interval != 600 else "")
             + f"\n[mesh]\nurls = http://127.0.0.1:{mesh_port}/mesh.json\n"
-            f"\n[broker]\nurl = {AMQP_URL}\nexchange = {exchange}\n")
+            f"\n[broker]\nurl = {AMQP_URL}\nexchange = {exchange}\n"
+            + (f"\n[archive]\nverify = {ca}\n" if ca else ""))
 
 
 def main() -> int:
@@ -502,6 +507,8 @@ def main() -> int:
                     help="one new point per series every interval (default: nothing new)")
     ap.add_argument("--rev", help="install psprobe from this git revision (default: working tree)")
     ap.add_argument("--quick", action="store_true", help="200 hosts, a 2-minute interval")
+    ap.add_argument("--https", action="store_true",
+                    help="archives over HTTPS, as most real ones (a TLS handshake per run)")
     ap.add_argument("--syncs", action="store_true",
                     help="only the two syncs (the re-sync right after the first): ~3 minutes")
     args = ap.parse_args()
@@ -515,15 +522,21 @@ def main() -> int:
         base = ct.prepare_root()
     except ct.Unavailable as e:
         sys.exit(f"fleet_systemd: cannot boot the test container: {e}")
-    names = [f"ps{i:04d}.fleet.example.sim" for i in range(n + CHANGED)]
+    names = [f"ps{i:04d}.{DOMAIN}" for i in range(n + CHANGED)]
     stop = threading.Event()
     with contextlib.ExitStack() as stack:
         src, label = stack.enter_context(source(args.rev))
         if interval != 600 and "interval:" not in (src / "psprobe" / "config.py").read_text():
             sys.exit(f"{label} has no [collect] interval (its timers: every 10 min): --interval 10")
-        sim = stack.enter_context(EsmondSim("127.0.0.1", 0))
+        tls = None
+        if args.https:  # one certificate for every archive name, from a CA the container trusts
+            pki = make_pki(stack.enter_context(tempfile.TemporaryDirectory(prefix="psprobe-pki-")),
+                           names=(f"*.{DOMAIN}", DOMAIN))
+            tls = (str(pki.server_cert), str(pki.server_key))
+        sim = stack.enter_context(EsmondSim("127.0.0.1", 0, tls=tls))
         series = archives(sim, names, args.series, interval)
-        urls = {nm: f"http://{nm}:{sim.port}/esmond/perfsonar/archive/" for nm in names}
+        scheme = "https" if args.https else "http"
+        urls = {nm: f"{scheme}://{nm}:{sim.port}/esmond/perfsonar/archive/" for nm in names}
         hosts = {nm: f"{nm}:{sim.port}" for nm in names}
         mesh = ThreadingHTTPServer(("127.0.0.1", 0), ct.MeshHandler)
         mesh.doc = meshconfig({nm: urls[nm] for nm in names[:n]})  # type: ignore[attr-defined]
@@ -536,7 +549,10 @@ def main() -> int:
         stack.callback(stop.set)
 
         c = stack.enter_context(ct.booted(base))
-        ct.install_psprobe(c, config(mesh.server_address[1], ex.name, interval), repo=src)
+        ct.install_psprobe(c, config(mesh.server_address[1], ex.name, interval,
+                                     CA if args.https else None), repo=src)
+        if args.https:
+            c.write(CA, pki.ca.read_text())
         with open(c.path("/etc/hosts"), "a") as f:
             f.writelines(f"127.0.0.1 {nm}\n" for nm in names)
         if (src / "units" / "psprobe-timers.target").exists():  # else sync starts each timer
@@ -547,9 +563,9 @@ def main() -> int:
         ver = c.run(["systemctl", "--version"]).stdout.split("\n", 1)[0]
         print(machine())
         print(f"container: {ver}; booted in {c.boot_seconds:.1f}s; psprobe from {label}")
-        print(f"fleet: {n} hosts x {args.series} series ({HISTORY // 3600} h of points each "
-              f"before the first run), [collect] interval {interval // 60} min, max_concurrent "
-              f"{slots}; after the first cycle "
+        print(f"fleet: {n} hosts x {args.series} series over {scheme.upper()} "
+              f"({HISTORY // 3600} h of points each before the first run), [collect] interval "
+              f"{interval // 60} min, max_concurrent {slots}; after the first cycle "
               f"{'one new point per series every interval' if args.grow else 'nothing new'}")
         sys.stdout.flush()
 
