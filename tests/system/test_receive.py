@@ -89,17 +89,21 @@ class Push:
                                 event_types=cfg.collect.event_types)
         return {m.message_id: m.routing_key for m in msgs}
 
-    def arrived(self, want: dict[str, str]) -> dict[str, str]:
-        """Wait until every wanted message id is on the queue; what came, id -> key."""
+    def arrived(self, want: dict[str, str], since: int = 0) -> dict[str, str]:
+        """Wait until every wanted message id is on the queue (among the messages after the
+        first ``since``); what came, id -> key."""
+
+        def came() -> dict[str, str]:
+            return {mid: key for key, mid, _ in self.q.messages()[since:]}
 
         def all_there() -> dict[str, str] | None:
-            got = {mid: key for key, mid, _ in self.q.messages()}
+            got = came()
             return got if set(want) <= set(got) else None
 
         try:
             return wait_until("the pushed run's messages on the queue", all_there, 60, interval=0.2)
         except TimeoutError:
-            got = {mid: key for key, mid, _ in self.q.messages()}
+            got = came()
             raise AssertionError(f"wanted {want}, the queue has {got}; the receiver's journal:\n"
                                  f"{self.c.journal(SERVICE)[-3000:]}") from None
 
@@ -183,13 +187,7 @@ def test_a_stopped_receiver_is_started_again_by_the_next_push(push):
     assert 200 <= r.status_code < 300, (r.status_code, r.text)
     assert p.show(SERVICE, "ActiveState")["ActiveState"] == "active"
     want = p.expected()
-
-    def again() -> list | None:
-        new = p.q.messages()[before:]
-        return new if len(new) >= len(want) else None
-
-    new = wait_until("the second push's messages", again, 60, interval=0.2)
-    assert {mid: key for key, mid, _ in new} == want
+    assert p.arrived(want, since=before) == want  # the second push's: the same ids
 
 
 # --- TLS with the host key, as the README says to set it up
@@ -244,13 +242,7 @@ def test_the_documented_key_copy_gives_the_receiver_tls(push, tmp_path):
     assert st == ["root:psprobe", "640"]
     assert f"listening on 127.0.0.1:{p.port} (TLS)" in c.journal(SERVICE)
     want = p.expected()
-
-    def arrived() -> list | None:
-        new = p.q.messages()[before:]
-        return new if len(new) >= len(want) else None
-
-    new = wait_until("the TLS push's messages", arrived, 60, interval=0.2)
-    assert {mid: key for key, mid, _ in new} == want
+    assert p.arrived(want, since=before) == want  # the TLS push's
 
 
 # --- the packaged configuration documents [receive] as psprobe reads it
