@@ -17,17 +17,19 @@ import json
 import logging
 import os
 import re
-import ssl
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from itertools import islice
 from operator import itemgetter, lt
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlencode, urljoin, urlsplit
 
 from psprobe import config, fetch
 from psprobe.hostnames import default_read_url
+
+if TYPE_CHECKING:
+    import ssl
 
 log = logging.getLogger("psprobe.archive")
 
@@ -114,7 +116,7 @@ class Archive:
             s = self.settings
             try:
                 self._ssl = fetch.tls_context(_verify(s.verify), s.cert, s.key)
-            except (ssl.SSLError, OSError) as e:
+            except OSError as e:  # ssl.SSLError too
                 what = "cert/key" if s.cert else "verify"
                 raise config.ConfigError(
                     f"{self.host}: [archive] {what}: cannot load: {_reason(e)}") from None

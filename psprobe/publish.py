@@ -42,7 +42,6 @@ import logging
 import os
 import re
 import socket
-import ssl
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -150,7 +149,7 @@ class BrokerOutlet:
         self.channel = None
         try:
             params = connection_parameters(settings)
-        except (ssl.SSLError, OSError) as e:
+        except OSError as e:  # ssl.SSLError too
             # A bad [broker] ca/cert/key is the operator's configuration, not the broker
             # (an OSError here would otherwise pass for a state directory problem).
             raise config.ConfigError(
@@ -565,6 +564,8 @@ def connection_parameters(settings: config.Broker):
     vhost = unquote(u.path[1:]) if len(u.path) > 1 else "/"
     ssl_options = None
     if tls:
+        import ssl
+
         ctx = ssl.create_default_context(cafile=settings.ca or None)
         if settings.cert:
             ctx.load_cert_chain(settings.cert, settings.key or None)
@@ -613,6 +614,8 @@ def _connect_failure(e: BaseException, timeout: float) -> str:
                 or "transport" in str(root):
             return f"no answer to the TLS handshake within {timeout:g}s"
         return f"no answer to the AMQP handshake within {timeout:g}s"
+    import ssl  # loaded by pika already
+
     if isinstance(root, ssl.SSLError):
         why = getattr(root, "verify_message", None) or re.sub(
             r"^\[[^]]*\]\s*|\s*\(_ssl\.c:\d+\)$", "", root.strerror or str(root))

@@ -300,6 +300,77 @@ def test_a_trickled_proxy_tunnel_ends_at_the_deadline(no_proxy_env, pki):
         proxy.close()
 
 
+# --- the HTTP/1.1 psprobe reads itself (fetch.py: no http.client, for its imports)
+
+CHUNKED = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+READABLE = [
+    ("Content-Length, kept alive", HEAD + BODY, BODY, True),
+    ("chunked, with extensions and trailers",
+     CHUNKED + b"4;x=y\r\n[1, \r\n2\r\n2]\r\n0\r\nX-Trailer: 1\r\n\r\n", b"[1, 2]", True),
+    ("HTTP/1.0 without a length: read to the close", b"HTTP/1.0 200 OK\r\n\r\n[3]", b"[3]", False),
+    ("Connection: close", b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 3\r\n\r\n[4]",
+     b"[4]", False),
+    ("a 100 Continue before the answer",
+     b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\n[5]", b"[5]", True),
+    ("bare LF line ends", b"HTTP/1.1 200 OK\nContent-Length: 3\n\n[6]", b"[6]", True),
+    ("a repeated header", b"HTTP/1.1 200 OK\r\nConnection: keep-alive\r\nConnection: close\r\n"
+     b"Content-Length: 3\r\n\r\n[7]", b"[7]", False),
+]
+
+
+@pytest.mark.parametrize(("answer", "body", "kept"), [r[1:] for r in READABLE],
+                         ids=[r[0] for r in READABLE])
+def test_answers_are_framed_as_http_1_1_says(answer, body, kept):
+    srv = Trickler(answer, len(answer))
+    pool = fetch.Pool(f"http://127.0.0.1:{srv.port}", 2, 5.0)
+    try:
+        got = pool.get("/", 1 << 20, time.monotonic() + 5)
+        assert (got.status, got.body) == (200, body)
+        assert len(pool._idle) == (1 if kept else 0)  # kept alive only where HTTP allows
+    finally:
+        pool.close()
+        srv.close()
+
+
+BROKEN = [
+    ("not HTTP", b"SSH-2.0-OpenSSH_8.7\r\n", fetch.ConnectFailed, "not an HTTP answer"),
+    ("closed before any answer", b"", fetch.ConnectFailed,
+     "Remote end closed connection without response"),
+    ("closed in the headers", b"HTTP/1.1 200 OK\r\nContent-Le", fetch.ConnectFailed,
+     "closed in the headers"),
+    ("more than 100 headers", b"HTTP/1.1 200 OK\r\n" + b"X: 1\r\n" * 101 + b"\r\n",
+     fetch.ConnectFailed, "more than 100 headers"),
+    ("a header line of 70 000 bytes", b"HTTP/1.1 200 OK\r\nX: " + b"a" * 70000,
+     fetch.ConnectFailed, "header line too long"),
+    ("cut in the body", b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n[1,", fetch.Broken,
+     "IncompleteRead(3 bytes read, 7 more expected)"),
+    ("cut in a chunk", CHUNKED + b"10\r\n[1,", fetch.Broken,
+     "IncompleteRead(3 bytes read, 13 more expected)"),
+    ("a chunk size that is not hex", CHUNKED + b"zz\r\n", fetch.Broken, "bad chunk size"),
+    ("a chunk without its CRLF", CHUNKED + b"2\r\n[]xx", fetch.Broken, "chunk not followed by CRLF"),
+    ("two different lengths",
+     b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\n[1]",
+     fetch.Broken, "bad Content-Length"),
+    ("a length over the limit, refused unread", b"HTTP/1.1 200 OK\r\nContent-Length: 2000000\r\n\r\n",
+     fetch.TooLarge, "too large"),
+]
+
+
+@pytest.mark.parametrize(("answer", "error", "words"), [r[1:] for r in BROKEN],
+                         ids=[r[0] for r in BROKEN])
+def test_a_broken_answer_is_one_clear_error_and_its_connection_is_not_kept(answer, error, words):
+    srv = Trickler(answer, len(answer))
+    pool = fetch.Pool(f"http://127.0.0.1:{srv.port}", 2, 5.0)
+    try:
+        with pytest.raises(error) as e:
+            pool.get("/", 1 << 20, time.monotonic() + 5)
+        assert words in e.value.reason
+        assert pool._idle == []
+    finally:
+        pool.close()
+        srv.close()
+
+
 def test_a_deadline_already_past_makes_no_connection():
     srv = Trickler(HEAD + BODY, len(HEAD + BODY))
     try:
