@@ -476,11 +476,14 @@ def read_json(path: str | Path, default: Any = None, *, root: str | Path | None 
 
 def read_json_at(dir_fd: int, name: str, default: Any = None, *, path: str | Path) -> Any:
     """:func:`read_json` of ``name`` in an open directory (``path`` is for messages)."""
+    raw = read_at(dir_fd, name, path=path)
+    return default if raw is None else loads(raw, path=path)
+
+
+def loads(raw: bytes, *, path: str | Path) -> Any:
+    """The JSON of a state file's bytes; ``ValueError`` naming ``path`` if it is corrupt."""
     import json
 
-    raw = read_at(dir_fd, name, path=path)
-    if raw is None:
-        return default
     try:
         return json.loads(raw)
     except ValueError as e:

@@ -102,6 +102,25 @@ def test_the_journal_only_moves_forward_and_save_empties_it(sd):
     assert hostfile(sd, state.JOURNAL).read_bytes() == b"" and on_disk(sd)["pairs"] == {A: 11}
 
 
+def test_a_run_that_moved_nothing_rewrites_neither_file_unless_the_copy_differs(sd):
+    ended_run(sd, {A: 100, B: 7})
+    files = [hostfile(sd, n) for n in (state.CHECKPOINT, state.COPY)]
+    before = [(f.stat().st_ino, f.read_bytes()) for f in files]
+    ended_run(sd, {})  # an idle run: the file and its copy already say it all
+    assert [(f.stat().st_ino, f.read_bytes()) for f in files] == before
+    ended_run(sd, {A: 90})  # an old confirm moves nothing either
+    assert [f.stat().st_ino for f in files] == [i for i, _ in before]
+    hostfile(sd, state.COPY).write_bytes(b"{}")  # a copy that fell behind (a killed run)
+    ended_run(sd, {})
+    assert on_disk(sd, state.COPY) == on_disk(sd) and on_disk(sd)["pairs"] == {A: 100, B: 7}
+    hostfile(sd, state.JOURNAL).write_text(f"{A} 50\n")  # a journal line, even an old one
+    ended_run(sd, {})
+    assert hostfile(sd, state.JOURNAL).read_bytes() == b""
+    assert hostfile(sd, state.CHECKPOINT).stat().st_ino != before[0][0]
+    ended_run(sd, {B: 8})
+    assert on_disk(sd)["pairs"] == on_disk(sd, state.COPY)["pairs"] == {A: 100, B: 8}
+
+
 def test_a_torn_last_line_is_ignored(sd):
     ended_run(sd, {A: 100})
     hostfile(sd, state.JOURNAL).write_text(f"{A} 150\n{B} 7\n{A} 16")  # power lost mid-line
