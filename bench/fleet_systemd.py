@@ -6,6 +6,7 @@
     python3 bench/fleet_systemd.py --rev 278d28e   # the same, psprobe from that git revision
     python3 bench/fleet_systemd.py --syncs     # only the first sync and a re-sync: ~3 minutes
     python3 bench/fleet_systemd.py --https     # archives over HTTPS, as most real ones
+    python3 bench/fleet_systemd.py --unified   # cgroup v2 only in the container, as on EL9
 
 The system tests' container (tests/system/container.py) boots systemd 252 with
 psprobe installed as the package lays it out, from the working tree or from
@@ -511,7 +512,11 @@ def main() -> int:
                     help="archives over HTTPS, as most real ones (a TLS handshake per run)")
     ap.add_argument("--syncs", action="store_true",
                     help="only the two syncs (the re-sync right after the first): ~3 minutes")
+    ap.add_argument("--unified", action="store_true",
+                    help="boot the container with cgroup v2 only, as EL9 (default: as the host gives it)")
     args = ap.parse_args()
+    if args.unified:
+        os.environ["SYSTEMD_NSPAWN_UNIFIED_HIERARCHY"] = "1"
     n = args.hosts or (200 if args.quick else 2000)
     interval = 60 * (args.interval or (2 if args.quick else 10))
     if interval > 3600 or 3600 % interval:
@@ -562,7 +567,9 @@ def main() -> int:
                           check=True).stdout)
         ver = c.run(["systemctl", "--version"]).stdout.split("\n", 1)[0]
         print(machine())
-        print(f"container: {ver}; booted in {c.boot_seconds:.1f}s; psprobe from {label}")
+        hybrid = Path("/sys/fs/cgroup/unified/cgroup.procs").exists()
+        cgv = "cgroup v2 only" if args.unified else "cgroups hybrid" if hybrid else "host's cgroups"
+        print(f"container: {ver}; {cgv}; booted in {c.boot_seconds:.1f}s; psprobe from {label}")
         print(f"fleet: {n} hosts x {args.series} series over {scheme.upper()} "
               f"({HISTORY // 3600} h of points each before the first run), [collect] interval "
               f"{interval // 60} min, max_concurrent {slots}; after the first cycle "

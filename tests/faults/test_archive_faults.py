@@ -118,8 +118,9 @@ def test_dns_failure(lab, figures, monkeypatch):
     lab.unaffected(B)
     real = socket.getaddrinfo
 
-    def resolver(host, *a, **k):  # the name resolves again
-        return real("127.0.0.1" if host == name else host, *a, **k)
+    def resolver(host, *a, **k):  # the name resolves again (psprobe passes an ASCII name as bytes)
+        plain = host.decode() if isinstance(host, bytes) else host
+        return real("127.0.0.1" if plain == name else host, *a, **k)
 
     monkeypatch.setattr(socket, "getaddrinfo", resolver)
     runs, t = lab.catch_up(name)
