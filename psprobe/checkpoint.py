@@ -43,6 +43,8 @@ def _failed(path: object, what: str, e: OSError) -> state.StateError:
 
 @dataclass
 class Checkpoint:
+    """A host's confirmed positions, as loaded; moved only by what the broker confirmed."""
+
     path: Path
     pairs: dict[str, int] = field(default_factory=dict)
     scheme: str | None = None  # the archive scheme that worked last

@@ -44,6 +44,8 @@ class Stopped(BaseException):
 
 @dataclass
 class Result:
+    """What one run did: its history record, summary line and exit status."""
+
     host: str
     started: float
     ended: float = 0.0

@@ -189,6 +189,8 @@ def _k(default: str, parse: Callable[[str], Any]) -> Any:
 
 @dataclass(frozen=True)
 class Collect:
+    """``[collect]``: what a run reads, how far back, how often, and how many at once."""
+
     state_dir: str = _k("/var/lib/psprobe", _path)
     first_run_lookback: float = _k("12h", _duration_range(60, 400 * 86400))
     event_types: tuple[str, ...] = _k(DEFAULT_EVENT_TYPES, _event_types)
@@ -212,6 +214,8 @@ class Collect:
 
 @dataclass(frozen=True)
 class Archive:
+    """``[archive]``: how the measurement archives are reached and read."""
+
     schemes: tuple[str, ...] = _k("https, http", _schemes)
     timeout: float = _k("30s", _duration_range(0.1, 3600))
     retries: int = _k("2", _ranged(int, 0, 20))
@@ -240,6 +244,8 @@ def _one_of(*choices: str) -> Callable[[str], str]:
 
 @dataclass(frozen=True)
 class Broker:
+    """``[broker]``: where the messages go, and how their delivery is confirmed."""
+
     url: str = _k("amqp://guest@127.0.0.1:5672/%2F", _amqp_url)
     password_file: str = _k("", _path)
     exchange: str = _k("osg.ps.raw", _str)
@@ -261,6 +267,8 @@ class Broker:
 
 @dataclass(frozen=True)
 class Mesh:
+    """``[mesh]``: where the host list comes from, and where sync writes the timers."""
+
     urls: tuple[str, ...] = _k("", _list)
     hosts: tuple[str, ...] = _k("", _list)
     exclude: tuple[str, ...] = _k("", _list)
@@ -277,11 +285,15 @@ class Mesh:
 
 @dataclass(frozen=True)
 class Metrics:
+    """``[metrics]``: node_exporter's textfile directory."""
+
     textfile_dir: str = _k("/var/lib/prometheus/node-exporter", _path)
 
 
 @dataclass(frozen=True)
 class Report:
+    """``[report]``: the daily report's alarm threshold and mail."""
+
     lag_alarm: float = _k("2h", _duration_range(60, 365 * 86400))
     to: tuple[str, ...] = _k("", _emails)
     sender: str = _k("psprobe@localhost", _str)
@@ -360,6 +372,8 @@ ALIASES = {("report", "from"): "sender"}
 
 @dataclass(frozen=True)
 class Config:
+    """The whole configuration: one value per section, and the per-host overrides."""
+
     collect: Collect = field(default_factory=Collect)
     archive: Archive = field(default_factory=Archive)
     broker: Broker = field(default_factory=Broker)

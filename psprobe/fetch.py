@@ -80,6 +80,8 @@ class TooSlow(Broken):
 
 @dataclass
 class Answer:
+    """An HTTP answer read whole (within the size bound)."""
+
     status: int
     body: bytes
 

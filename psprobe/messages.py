@@ -58,6 +58,8 @@ _SURROGATE = "lone UTF-16 surrogate(s) sent as the text of their escape (\\udXXX
 
 @dataclass(frozen=True)
 class Message:
+    """One message as published: routing key, id, body, and what its confirm moves."""
+
     routing_key: str
     message_id: str
     body: bytes

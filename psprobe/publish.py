@@ -89,6 +89,8 @@ class PrintOutlet:
 
 @dataclass
 class _Sent:
+    """A published message awaiting the broker's confirm."""
+
     tag: int  # the channel's delivery tag
     message_id: str
     routing_key: str

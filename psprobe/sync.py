@@ -302,15 +302,21 @@ def apply(cfg: Config, p: Plan, unit_dir: Path, *, now: float,
     # when there are none this is one directory listing.
     units.migrate(unit_dir, sd, template_dir=Path(cfg.mesh.template_dir), systemctl=run)
     hfd = state.hosts_dir_fd(sd)
+    added = set(p.added)
+
+    def write(host: str) -> None:
+        t = p.targets[host]
+        _write_target(sd, hfd, host, {"host": host, "read_url": t["read_url"],
+                                      "meshes": sorted(set(t["meshes"]))}, new=host in added)
+
     try:
-        added = set(p.added)
-        for host, t in p.targets.items():
-            _write_target(sd, hfd, host, {"host": host, "read_url": t["read_url"],
-                                          "meshes": sorted(set(t["meshes"]))}, new=host in added)
+        # The targets are written before any timer starts, while PID 1 reloads (a first
+        # sync's 2 000 timers: seconds of it) when the timers need a reload.
+        units.apply(unit_dir, p.added, p.removed, template_dir=Path(cfg.mesh.template_dir),
+                    interval=lambda host: cfg.for_host(host).collect.interval, systemctl=run,
+                    meanwhile=lambda: state.each(write, list(p.targets)))
     finally:
         os.close(hfd)
-    units.apply(unit_dir, p.added, p.removed, template_dir=Path(cfg.mesh.template_dir),
-                interval=lambda host: cfg.for_host(host).collect.interval, systemctl=run)
     for host in p.removed:
         if host in p.elsewhere and state.host_dir(sd, host).is_dir():
             # Its positions here go stale while another shard collects it

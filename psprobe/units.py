@@ -363,9 +363,27 @@ def systemctl(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
         return subprocess.CompletedProcess(cmd, 124, "", f"systemctl: no answer in {timeout:g}s")
 
 
-def _steps(run: Systemctl, steps: list[tuple[str, ...]]) -> None:
-    """Run each systemctl step; stop after a failed daemon-reload; raise :class:`UnitsError`."""
+def _steps(run: Systemctl, steps: list[tuple[str, ...]],
+           meanwhile: Callable[[], object] | None = None) -> None:
+    """Run each systemctl step; stop after a failed daemon-reload; raise :class:`UnitsError`.
+
+    ``meanwhile`` runs before any start or stop: during a first ``daemon-reload``,
+    which starts nothing (PID 1 works on one core, ``meanwhile`` on the other).  Its
+    error is raised once the reload ended, and then nothing starts.
+    """
     errors = []
+    if meanwhile is not None and steps[:1] == [("daemon-reload",)]:
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="psprobe-reload") as pool:
+            reloading = pool.submit(run, "daemon-reload")
+            meanwhile()  # on an error, the pool still waits for the reload
+        cp = reloading.result()
+        if cp.returncode != 0:
+            raise UnitsError(f"systemctl daemon-reload: {cp.stderr.strip() or f'exit {cp.returncode}'}")
+        steps = steps[1:]
+    elif meanwhile is not None:
+        meanwhile()
     for step in steps:
         cp = run(*step)
         if cp.returncode != 0:
@@ -384,6 +402,7 @@ def apply(
     interval: int | Callable[[str], int] = DEFAULT_INTERVAL,
     template_dir: Path = TEMPLATE_DIR,
     systemctl: Systemctl | None = systemctl,
+    meanwhile: Callable[[], object] | None = None,
 ) -> None:
     """Enable the timers of ``add`` and disable those of ``remove``; keep the schedules.
 
@@ -399,7 +418,8 @@ def apply(
     wants, running ones stay as they are); then one ``stop --no-block`` of the
     removed timers.  A changed schedule always reloads.  Paused, the new links
     wait for ``psprobe resume``.  Raises :class:`UnitsError` when systemctl
-    fails.
+    fails.  ``meanwhile`` (sync's target.json files) is called once, after the
+    unit files are written and before any timer starts (see :func:`_steps`).
 
     A timer already running whose schedule changes (a new interval, or the
     first drop-in of a timer enabled without one) gets it only when the
@@ -410,16 +430,14 @@ def apply(
     unit_dir = Path(unit_dir)
     wants = unit_dir / WANTS
     target = Path(template_dir) / TEMPLATE
-    started = []
     stopped = []
     add = sorted(set(add))
     remove = sorted(set(remove) - set(add))
     if add:
         _make_dir(wants)
-    for host in add:
-        name = timer_name(host)
-        if _link(wants, name, target):
-            started.append(name)
+    names = [timer_name(host) for host in add]
+    made = state.each(lambda name: _link(wants, name, target), names)
+    started = [name for name, m in zip(names, made) if m]
     for host in remove:
         name = timer_name(host)
         if _unlink(unit_dir, name):
@@ -427,15 +445,19 @@ def apply(
     every = interval if callable(interval) else (lambda _host: interval)
     links = _enabled(unit_dir)
     new = set(started)
-    changed: dict[str, tuple[str, int, Path, str]] = {}
-    for name, host in sorted(links.items()):
+
+    def schedule(item: tuple[str, str]) -> tuple[str, int, Path, str] | None:
+        """The host's schedule as its drop-in should be, or None when it is so already."""
+        name, host = item
         seconds = every(host)
         text = dropin_text(host, seconds)
         if name in new and _create_dropin(unit_dir, name, text):
-            continue  # a new host's first schedule: nothing to compare or replace
+            return None  # a new host's first schedule: nothing to compare or replace
         path = dropin_path(unit_dir, host)
-        if _read_dropin(path) != text:
-            changed[name] = (host, seconds, path, text)
+        return None if _read_dropin(path) == text else (host, seconds, path, text)
+
+    items = sorted(links.items())
+    changed = {name: c for (name, _), c in zip(items, state.each(schedule, items)) if c}
     pending = {n: (c[0], c[1]) for n, c in changed.items() if n not in new}
     held: list[str] = []
     rescheduled = list(pending)
@@ -451,6 +473,8 @@ def apply(
         log.info("schedule of %d host(s) kept until a later sync: applied now, it would run "
                  "them at once", len(held))
     if run is None or not (started or stopped or rescheduled or swept):
+        if meanwhile is not None:
+            meanwhile()
         return
     go = started if target_enabled(unit_dir) else []
     if started and not go:
@@ -470,7 +494,7 @@ def apply(
             steps.append(("start", "--no-block", TARGET))
     if stopped:
         steps.append(("stop", "--no-block", *stopped))
-    _steps(run, steps)
+    _steps(run, steps, meanwhile)
 
 
 def _by_name(run: Systemctl, names: list[str], loaded: int) -> bool:

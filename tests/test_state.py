@@ -129,3 +129,20 @@ def test_a_lock_that_cannot_be_opened_is_one_line(tmp_path):
     with pytest.raises(state.StateError) as e, state.Lock(Path(tmp_path / "l")):
         pass
     assert str(e.value) == f"{tmp_path / 'l'}: cannot open lock: Is a directory"
+
+
+@pytest.mark.parametrize("n", [3, 200])
+def test_each_keeps_the_order_tries_every_item_and_raises_the_first_error(tmp_path, n):
+    """state.each: sync's many first files on a few threads, with the loop's results."""
+    assert state.each(lambda i: i * i, list(range(n))) == [i * i for i in range(n)]
+    bad = {0, n // 2}
+
+    def make(i: int) -> None:
+        if i in bad:
+            raise OSError(28, "No space left on device", str(tmp_path / f"f{i}"))
+        (tmp_path / f"f{i}").write_text("x")
+
+    with pytest.raises(OSError) as e:
+        state.each(make, list(range(n)))
+    assert e.value.filename == str(tmp_path / "f0")  # the first in order
+    assert len(list(tmp_path.iterdir())) == n - len(bad)  # all the others were made

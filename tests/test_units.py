@@ -8,6 +8,7 @@ import logging
 import os
 import re
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -199,6 +200,59 @@ def test_failed_reload_raises_and_starts_nothing(tmp_path):
     # an unanswered list-units counts as "may be stale": the reload is the safe way
     assert seen == [loaded(*sorted(name(h) for h in HOSTS)), ("daemon-reload",)]
     assert units.enabled_hosts(tmp_path) == set(HOSTS)  # enablement stays: next boot starts them
+
+
+class Reloading(Systemctl):
+    """A systemctl whose daemon-reload lasts until ``meanwhile`` has run (at most 30 s):
+    it returns only if the two overlap."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.done = threading.Event()
+        self.overlapped = None
+
+    def meanwhile(self) -> None:
+        self.append(("meanwhile",))
+        self.done.set()
+
+    def __call__(self, *args: str, **kw) -> subprocess.CompletedProcess:
+        if args == ("daemon-reload",):
+            self.overlapped = self.done.wait(30)
+        return super().__call__(*args, **kw)
+
+
+def test_meanwhile_runs_while_pid1_reloads_and_before_any_timer_starts(tmp_path, calls):
+    """A first sync: PID 1 reloads 2 000 timers while sync writes their targets."""
+    sc = Reloading()
+    hosts = [f"ps{i:04d}.example.org" for i in range(1000)]
+    units.apply(tmp_path, hosts, [], systemctl=sc, meanwhile=sc.meanwhile)
+    assert sc.overlapped is True
+    assert sc == [("meanwhile",), ("daemon-reload",), ("start", "--no-block", units.TARGET)]
+
+
+def test_meanwhile_runs_before_timers_start_by_name_and_once_without_systemctl(tmp_path, calls):
+    sc = Reloading()
+    units.apply(tmp_path, HOSTS, [], systemctl=sc, meanwhile=sc.meanwhile)
+    new = sorted(name(h) for h in HOSTS)
+    assert sc == [loaded(*new), ("meanwhile",), ("start", "--no-block", *new)]
+    ran = []
+    units.apply(tmp_path / "none", HOSTS, [], systemctl=None, meanwhile=lambda: ran.append(1))
+    units.apply(tmp_path / "none", HOSTS, [], systemctl=sc, meanwhile=lambda: ran.append(2))
+    assert ran == [1, 2]  # and the second, with nothing to change, made no call
+    assert sc[-1] == ("start", "--no-block", *new)
+
+
+def test_an_error_of_meanwhile_starts_nothing(tmp_path, calls):
+    sc = Reloading()
+
+    def fail() -> None:
+        sc.meanwhile()
+        raise OSError(13, "Permission denied", "/var/lib/psprobe/hosts")
+
+    hosts = [f"ps{i:04d}.example.org" for i in range(1000)]
+    with pytest.raises(OSError, match="Permission denied"):
+        units.apply(tmp_path, hosts, [], systemctl=sc, meanwhile=fail)
+    assert sc == [("meanwhile",), ("daemon-reload",)]  # the reload ended; no start
 
 
 def test_foreign_psprobe_entry_is_ignored_and_logged(tmp_path, caplog):
