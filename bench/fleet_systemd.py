@@ -4,7 +4,7 @@
     python3 bench/fleet_systemd.py             # 2 000 hosts, 10 min interval: ~25 minutes (root)
     python3 bench/fleet_systemd.py --quick     # 200 hosts, 2 min interval: ~6 minutes
     python3 bench/fleet_systemd.py --rev 278d28e   # the same, psprobe from that git revision
-    python3 bench/fleet_systemd.py --syncs     # only the first sync and a re-sync: ~3 minutes
+    python3 bench/fleet_systemd.py --syncs     # only the first sync and a re-sync: ~30 s
     python3 bench/fleet_systemd.py --https     # archives over HTTPS, as most real ones
     python3 bench/fleet_systemd.py --unified   # cgroup v2 only in the container, as on EL9
 
@@ -511,7 +511,7 @@ def main() -> int:
     ap.add_argument("--https", action="store_true",
                     help="archives over HTTPS, as most real ones (a TLS handshake per run)")
     ap.add_argument("--syncs", action="store_true",
-                    help="only the two syncs (the re-sync right after the first): ~3 minutes")
+                    help="only the two syncs (the re-sync right after the first): ~30 s")
     ap.add_argument("--unified", action="store_true",
                     help="boot the container with cgroup v2 only, as EL9 (default: as the host gives it)")
     args = ap.parse_args()
