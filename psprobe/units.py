@@ -371,21 +371,19 @@ def _steps(run: Systemctl, steps: list[tuple[str, ...]],
     which starts nothing (PID 1 works on one core, ``meanwhile`` on the other).  Its
     error is raised once the reload ended, and then nothing starts.
     """
-    errors = []
+    answered: dict[int, subprocess.CompletedProcess] = {}  # step index -> its answer
     if meanwhile is not None and steps[:1] == [("daemon-reload",)]:
         from concurrent.futures import ThreadPoolExecutor
 
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="psprobe-reload") as pool:
-            reloading = pool.submit(run, "daemon-reload")
+            reloading = pool.submit(run, *steps[0])
             meanwhile()  # on an error, the pool still waits for the reload
-        cp = reloading.result()
-        if cp.returncode != 0:
-            raise UnitsError(f"systemctl daemon-reload: {cp.stderr.strip() or f'exit {cp.returncode}'}")
-        steps = steps[1:]
+        answered[0] = reloading.result()
     elif meanwhile is not None:
         meanwhile()
-    for step in steps:
-        cp = run(*step)
+    errors = []
+    for i, step in enumerate(steps):
+        cp = answered.get(i) or run(*step)
         if cp.returncode != 0:
             errors.append(f"systemctl {step[0]}: {cp.stderr.strip() or f'exit {cp.returncode}'}")
             if step[0] == "daemon-reload":

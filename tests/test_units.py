@@ -255,6 +255,15 @@ def test_an_error_of_meanwhile_starts_nothing(tmp_path, calls):
     assert sc == [("meanwhile",), ("daemon-reload",)]  # the reload ended; no start
 
 
+def test_a_failed_reload_beside_meanwhile_raises_and_starts_nothing(tmp_path, calls):
+    seen = Systemctl(rc=1, stderr="Access denied")
+    ran = []
+    hosts = [f"ps{i:04d}.example.org" for i in range(1000)]
+    with pytest.raises(units.UnitsError, match="daemon-reload: Access denied"):
+        units.apply(tmp_path, hosts, [], systemctl=seen, meanwhile=lambda: ran.append(1))
+    assert seen == [("daemon-reload",)] and ran == [1]
+
+
 def test_foreign_psprobe_entry_is_ignored_and_logged(tmp_path, caplog):
     w = wants(tmp_path)
     w.mkdir()
