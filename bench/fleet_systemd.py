@@ -687,7 +687,8 @@ def main() -> int:
         print("  period within +-10%               no periods observed: NOT met")
     print(f"  queue bounded (units in the slice <= max_concurrent + {SMALL_QUEUE} = "
           f"{slots + SMALL_QUEUE})   most {pk.units} ({pk.running} running, {pk.queued} queued): "
-          f"{verdict(pk.units <= slots + SMALL_QUEUE)}")
+          + (verdict(pk.units <= slots + SMALL_QUEUE) if pk.running else
+             "no collect seen running (the slice was not found): NOT observed"))
     print(f"  steady state under 0.5 core       (slice + PID 1) / {seconds:.0f}s = {cores:.3f} core"
           + ("" if target_fleet else f"; {at_2000:.3f} for 2000 hosts every 10 min")
           + f"{'' if not args.grow else ' (with new points)'}: "

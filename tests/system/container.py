@@ -92,11 +92,16 @@ def _children(pid: int) -> list[int]:
 
 
 def _cgroup_dir(leader: int) -> Path:
-    """Host directory of the container's root cgroup (its init runs in init.scope)."""
+    """Host directory of the container's root cgroup (its init runs in init.scope).
+
+    Of the hierarchy the container's systemd manages: name=systemd (v1) when it runs
+    in a hybrid layout, the unified one when it runs in cgroup v2 only (nspawn's
+    SYSTEMD_NSPAWN_UNIFIED_HIERARCHY=1), where its place in v1 holds no init.scope.
+    """
     with open(f"/proc/{leader}/cgroup") as f:
         lines = dict(line.rstrip("\n").split(":", 2)[1:] for line in f)
     for controller, mount in (("name=systemd", "systemd"), ("", "unified")):
-        if controller in lines:
+        if controller in lines and lines[controller].endswith("/init.scope"):
             top = Path("/sys/fs/cgroup") / mount
             if controller == "" and not (top / "cgroup.procs").exists():
                 top = Path("/sys/fs/cgroup")
