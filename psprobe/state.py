@@ -258,26 +258,17 @@ def create_at(dir_fd: int, name: str, data: bytes, mode: int = 0o644, *, path: s
 
 
 def each(fn: Callable[[Any], Any], items: Sequence[Any], *, threads: int = 4) -> list[Any]:
-    """``[fn(x) for x in items]``, on a few threads when they are many.
+    """``[fn(x) for x in items]``, on ``threads`` threads when they are many (else one).
 
     For the files of a first sync, 2 000 of each kind (``hosts/<host>/target.json``,
     the timers' links and drop-ins): making a file is the kernel's time, not
     Python's (the GIL is released), and files in different directories are made in
     parallel.  Every item is tried; then the first error, in ``items``' order, is raised.
     """
-    if len(items) < 64:
-        results, errors = [], []
-        for x in items:
-            try:
-                results.append(fn(x))
-            except Exception as e:  # raised below, after the others
-                errors.append(e)
-        if errors:
-            raise errors[0]
-        return results
     from concurrent.futures import ThreadPoolExecutor
 
-    with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="psprobe-files") as pool:
+    workers = threads if len(items) >= 64 else 1
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="psprobe-files") as pool:
         futures = [pool.submit(fn, x) for x in items]
     return [f.result() for f in futures]
 
