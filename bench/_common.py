@@ -12,6 +12,7 @@ import compileall
 import contextlib
 import os
 import queue
+import shutil
 import socket
 import subprocess
 import sys
@@ -19,6 +20,7 @@ import tempfile
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -172,6 +174,52 @@ def write_config(path: Path, sections: dict[str, dict[str, object]]) -> Path:
         lines += [f"[{section}]", *(f"{k} = {v}" for k, v in kv.items()), ""]
     path.write_text("\n".join(lines))
     return path
+
+
+@contextlib.contextmanager
+def journalled_ext4(where: str | Path, size: int = 4 << 30) -> Iterator[Path | None]:
+    """A fresh ext4 with a journal, made on a sparse file in ``where`` and loop-mounted
+    (root): its mount point, or None (with a line saying why) when it cannot be made.
+
+    What a server's root file system is like, whatever the benchmark machine's own
+    disk is (bench/unit_files.py shows why that matters).  Unmounted and removed after.
+    """
+    work = Path(tempfile.mkdtemp(prefix="psprobe-disk.", dir=where))
+    image, mnt = work / "ext4.img", work / "mnt"
+    try:
+        mnt.mkdir()
+        with open(image, "wb") as f:
+            f.truncate(size)
+        subprocess.run(["mkfs.ext4", "-q", "-F", str(image)], check=True, capture_output=True)
+        subprocess.run(["mount", "-o", "loop", str(image), str(mnt)], check=True,
+                       capture_output=True, text=True)
+    except (OSError, subprocess.CalledProcessError) as e:
+        shutil.rmtree(work, ignore_errors=True)
+        why = (getattr(e, "stderr", None) or str(e)).strip()
+        print(f"disk: cannot loop-mount an ext4 with a journal ({why}): on {where} as it is")
+        yield None
+        return
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", str(mnt)], check=False)  # a loop mount detaches its device
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def describe_disk(path: str | Path) -> str:
+    """The file system ``path`` is on, and for ext4 whether it has a journal (jbd2 lists it)."""
+    cp = subprocess.run(["findmnt", "-n", "-o", "FSTYPE,SOURCE", "-T", str(path)],
+                        capture_output=True, text=True, check=False)
+    fstype, _, source = cp.stdout.strip().partition(" ")
+    source = source.strip()
+    if fstype != "ext4":
+        return f"{fstype or '?'} ({path})"
+    dev = os.path.basename(source)
+    try:
+        journal = any(j.startswith(f"{dev}-") for j in os.listdir("/proc/fs/jbd2"))
+    except OSError:
+        journal = False
+    return f"ext4 {'with' if journal else 'WITHOUT'} a journal ({path}, on {source})"
 
 
 def machine() -> str:

@@ -7,6 +7,7 @@
     python3 bench/fleet_systemd.py --syncs     # only the first sync and a re-sync: ~30 s
     python3 bench/fleet_systemd.py --https     # archives over HTTPS, as most real ones
     python3 bench/fleet_systemd.py --unified   # cgroup v2 only in the container, as on EL9
+    python3 bench/fleet_systemd.py --disk host # the container on PSPROBE_TEST_TMP as it is
 
 The system tests' container (tests/system/container.py) boots systemd 252 with
 psprobe installed as the package lays it out, from the working tree or from
@@ -18,6 +19,10 @@ what this world needs: the mesh URL, the broker's exchange (RabbitMQ on
 127.0.0.1:5672) and ``[collect] interval`` when not the default.  The sync
 timer is not enabled (only psprobe-timers.target): the benchmark runs its
 two syncs itself, so no third one falls inside the observed interval.
+
+The container's root goes on a file system of the bench's own (``--disk``,
+see :func:`disk`): a fresh ext4 with a journal, loop-mounted, as a server's
+root file system has one, rather than wherever PSPROBE_TEST_TMP is.
 
 Measured from the host, never by polling systemctl during the fleet's run (it
 loads PID 1): the container's PID 1 CPU (/proc/PID/stat) and RSS; the
@@ -64,7 +69,7 @@ from dataclasses import dataclass, field
 from http.server import ThreadingHTTPServer
 from pathlib import Path
 
-from _common import AMQP_URL, ROOT, Sink, machine
+from _common import AMQP_URL, ROOT, Sink, describe_disk, journalled_ext4, machine
 from esmond_sim import EsmondSim
 from tlsutil import make_pki
 
@@ -335,6 +340,30 @@ def sync(c: ct.Container) -> Sync:
                 files - epoch0 if files else math.nan)
 
 
+@contextlib.contextmanager
+def container_disk(kind: str) -> Iterator[str]:
+    """Put the container's copy (PSPROBE_TEST_TMP) on ``kind`` of disk; yields what it is.
+
+    "journal" (the default): a fresh ext4 with a journal (:func:`_common.journalled_ext4`),
+    as every server's root file system has one (EL's XFS too), because the host's own
+    disk may be ext4 without one (this VM's is), where each file sync makes costs up to
+    50 times more right after the previous container's ~11 000 files were removed
+    (bench/unit_files.py): the first sync then measures the benchmark's own cleanup.
+    "host": PSPROBE_TEST_TMP as it is.  A host that cannot loop-mount falls back to it.
+    """
+    tmp = os.environ.get("PSPROBE_TEST_TMP", "/var/tmp")
+    if kind == "journal":
+        with journalled_ext4(tmp) as mnt:
+            if mnt is not None:
+                os.environ["PSPROBE_TEST_TMP"] = str(mnt)
+                try:
+                    yield f"ext4 with a journal, a fresh one loop-mounted at {mnt}"
+                finally:
+                    os.environ["PSPROBE_TEST_TMP"] = tmp
+                return
+    yield describe_disk(tmp)
+
+
 def reload_floor(c: ct.Container, times: int = 3) -> list[tuple[float, float]]:
     """(wall, PID 1 CPU) of bare ``systemctl daemon-reload``s: what systemd alone costs
     with the fleet's units loaded, psprobe doing nothing."""
@@ -512,6 +541,9 @@ def main() -> int:
                     help="archives over HTTPS, as most real ones (a TLS handshake per run)")
     ap.add_argument("--syncs", action="store_true",
                     help="only the two syncs (the re-sync right after the first): ~30 s")
+    ap.add_argument("--disk", choices=("journal", "host"), default="journal",
+                    help="the container on a fresh loop-mounted ext4 with a journal (default), "
+                         "or on PSPROBE_TEST_TMP as it is")
     ap.add_argument("--unified", action="store_true",
                     help="boot the container with cgroup v2 only, as EL9 (default: as the host gives it)")
     args = ap.parse_args()
@@ -553,6 +585,7 @@ def main() -> int:
         stack.callback(ex.close)
         stack.callback(stop.set)
 
+        where = stack.enter_context(container_disk(args.disk))
         c = stack.enter_context(ct.booted(base))
         ct.install_psprobe(c, config(mesh.server_address[1], ex.name, interval,
                                      CA if args.https else None), repo=src)
@@ -570,6 +603,7 @@ def main() -> int:
         hybrid = Path("/sys/fs/cgroup/unified/cgroup.procs").exists()
         cgv = "cgroup v2 only" if args.unified else "cgroups hybrid" if hybrid else "host's cgroups"
         print(f"container: {ver}; {cgv}; booted in {c.boot_seconds:.1f}s; psprobe from {label}")
+        print(f"disk: the container's root on {where}")
         print(f"fleet: {n} hosts x {args.series} series over {scheme.upper()} "
               f"({HISTORY // 3600} h of points each before the first run), [collect] interval "
               f"{interval // 60} min, max_concurrent {slots}; after the first cycle "

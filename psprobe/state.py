@@ -257,20 +257,26 @@ def create_at(dir_fd: int, name: str, data: bytes, mode: int = 0o644, *, path: s
         os.close(fd)
 
 
-def each(fn: Callable[[Any], Any], items: Sequence[Any], *, threads: int = 4) -> list[Any]:
-    """``[fn(x) for x in items]``, on ``threads`` threads when they are many (else one).
+def each(fn: Callable[[Any], Any], items: Sequence[Any]) -> list[Any]:
+    """``[fn(x) for x in items]``, except that one failing item does not stop the others.
 
-    For the files of a first sync, 2 000 of each kind (``hosts/<host>/target.json``,
-    the timers' links and drop-ins): making a file is the kernel's time, not
-    Python's (the GIL is released), and files in different directories are made in
-    parallel.  Every item is tried; then the first error, in ``items``' order, is raised.
+    For sync's files of many hosts (links, drop-ins, ``target.json``): every item is
+    tried, then the first error, in ``items``' order, is raised.  One thread: on a
+    journalled file system (a server's) four made 2 000 hosts' unit files in 0.28 s
+    and 0.42 s of CPU, against 0.19 s and 0.19 s alone (bench/unit_files.py): the
+    files share a directory, whose lock the threads spin on.
     """
-    from concurrent.futures import ThreadPoolExecutor
-
-    workers = threads if len(items) >= 64 else 1
-    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="psprobe-files") as pool:
-        futures = [pool.submit(fn, x) for x in items]
-    return [f.result() for f in futures]
+    results: list[Any] = []
+    first: BaseException | None = None
+    for x in items:
+        try:
+            results.append(fn(x))
+        except Exception as e:  # raised below, once every item was tried
+            results.append(None)
+            first = first or e
+    if first is not None:
+        raise first
+    return results
 
 
 def make_host_dir(state_dir: str | Path, host: str) -> Path:

@@ -133,7 +133,7 @@ def test_a_lock_that_cannot_be_opened_is_one_line(tmp_path):
 
 @pytest.mark.parametrize("n", [3, 200])
 def test_each_keeps_the_order_tries_every_item_and_raises_the_first_error(tmp_path, n):
-    """state.each: sync's many first files on a few threads, with the loop's results."""
+    """state.each: sync's files of many hosts; one that fails stops none of the others."""
     assert state.each(lambda i: i * i, list(range(n))) == [i * i for i in range(n)]
     bad = {0, n // 2}
 
