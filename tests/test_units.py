@@ -280,6 +280,33 @@ def test_enabled_hosts_of_a_missing_dir_is_empty(tmp_path):
     assert units.enabled_hosts(tmp_path / "nope") == set()
 
 
+FAKE_SYSTEMCTL = """#!/bin/sh
+echo "${SYSTEMCTL_FORCE_BUS:-socket} $*" >>"$0.calls"
+if [ "$SYSTEMCTL_FORCE_BUS" = 1 ] && [ -n "$FAKE_NO_BUS" ]; then
+    echo "Failed to connect to bus: No such file or directory" >&2; exit 1
+fi
+[ -z "$FAKE_FAIL" ] || { echo "$FAKE_FAIL" >&2; exit 5; }
+"""
+
+
+@pytest.mark.parametrize(("no_bus", "fail", "calls", "rc"), [
+    ("", "", ["1 daemon-reload"], 0),  # through the bus
+    ("1", "", ["1 daemon-reload", "socket daemon-reload"], 0),  # no bus: PID 1's socket
+    ("", "Unit x.timer not loaded.", ["1 daemon-reload"], 5),  # any other error: once
+])
+def test_systemctl_goes_through_the_bus_or_else_pid1s_socket(monkeypatch, tmp_path, no_bus, fail,
+                                                            calls, rc):
+    fake = tmp_path / "systemctl"
+    fake.write_text(FAKE_SYSTEMCTL)
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", str(tmp_path))
+    monkeypatch.setenv("FAKE_NO_BUS", no_bus)
+    monkeypatch.setenv("FAKE_FAIL", fail)
+    cp = units.systemctl("daemon-reload")
+    assert (cp.returncode, cp.stderr.strip()) == (rc, fail)
+    assert (tmp_path / "systemctl.calls").read_text().splitlines() == calls
+
+
 def test_systemctl_missing_answers_127(monkeypatch, tmp_path):
     monkeypatch.setenv("PATH", str(tmp_path))
     cp = units.systemctl("daemon-reload")

@@ -402,3 +402,23 @@ def test_pause_and_resume_take_the_timers_started_by_name_along(world):
     assert c.run(["psprobe", "resume"]).returncode == 0
     assert active() == {timers[0]: "active", timers[1]: "inactive"}
     _on_its_calendar(world, late)
+
+
+def test_without_a_dbus_daemon_sync_still_reaches_systemd(world):
+    """sync's systemctl calls go through the system bus (PID 1 then sends their signals to
+    subscribers only, not to the caller); with no D-Bus daemon, through PID 1's socket."""
+    c = world.c
+    gone = world.hosts[2]
+    left = [n for n in sorted(world.archives)
+            if not any(h.startswith(n + ":") for h in (world.hosts[1], gone))]
+    try:
+        c.systemctl("stop", "dbus.socket", "dbus.service", check=True)
+        assert "Failed to connect to bus" in c.run(
+            ["env", "SYSTEMCTL_FORCE_BUS=1", "systemctl", "is-system-running"]).stderr
+        world.set_mesh(left)
+        world.sync()
+        out = c.systemctl("show", "-p", "ActiveState", units.timer_name(gone),
+                          units.timer_name(world.hosts[3])).stdout
+        assert out.split() == ["ActiveState=inactive", "ActiveState=active"]
+    finally:
+        c.systemctl("start", "dbus.socket", "dbus.service")
