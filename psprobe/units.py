@@ -358,14 +358,20 @@ def _reschedulable(run: Systemctl, pending: dict[str, tuple[str, int]],
 def systemctl(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
     """Run ``systemctl ARGS`` (text captured, never raising for its exit code).
 
-    Through the system bus (see :data:`_BUS`); where none answers (no D-Bus daemon
-    running), through PID 1's socket.  A machine without systemctl answers with exit
+    Through the system bus (see :data:`_BUS`); where it cannot carry the call (no D-Bus
+    daemon running, or it refuses), through PID 1's socket.  A machine without systemctl answers with exit
     code 127, like a shell would.
     """
     cp = _systemctl(args, {**os.environ, **_ENV, **_BUS}, timeout)
-    if cp.returncode != 0 and "Failed to connect to bus" in cp.stderr:
+    if cp.returncode != 0 and any(m in cp.stderr for m in _NOT_THROUGH_BUS):
         cp = _systemctl(args, {**os.environ, **_ENV}, timeout)
     return cp
+
+
+# What systemctl says when the bus cannot carry a call that PID 1's socket can: no D-Bus
+# daemon, or a bus policy or polkit that refuses a root without capabilities (the sync's
+# sandbox) where the socket only asks for root.
+_NOT_THROUGH_BUS = ("Failed to connect to bus", "Access denied", "authentication required")
 
 
 def _systemctl(args: tuple[str, ...], env: dict[str, str], timeout: float) -> subprocess.CompletedProcess:

@@ -283,7 +283,7 @@ def test_enabled_hosts_of_a_missing_dir_is_empty(tmp_path):
 FAKE_SYSTEMCTL = """#!/bin/sh
 echo "${SYSTEMCTL_FORCE_BUS:-socket} $*" >>"$0.calls"
 if [ "$SYSTEMCTL_FORCE_BUS" = 1 ] && [ -n "$FAKE_NO_BUS" ]; then
-    echo "Failed to connect to bus: No such file or directory" >&2; exit 1
+    echo "$FAKE_NO_BUS" >&2; exit 1
 fi
 [ -z "$FAKE_FAIL" ] || { echo "$FAKE_FAIL" >&2; exit 5; }
 """
@@ -291,7 +291,12 @@ fi
 
 @pytest.mark.parametrize(("no_bus", "fail", "calls", "rc"), [
     ("", "", ["1 daemon-reload"], 0),  # through the bus
-    ("1", "", ["1 daemon-reload", "socket daemon-reload"], 0),  # no bus: PID 1's socket
+    # No bus, or one that refuses: PID 1's socket.
+    ("Failed to connect to bus: No such file or directory", "",
+     ["1 daemon-reload", "socket daemon-reload"], 0),
+    ("Failed to reload daemon: Access denied", "", ["1 daemon-reload", "socket daemon-reload"], 0),
+    ("Failed to reload daemon: Interactive authentication required.", "",
+     ["1 daemon-reload", "socket daemon-reload"], 0),
     ("", "Unit x.timer not loaded.", ["1 daemon-reload"], 5),  # any other error: once
 ])
 def test_systemctl_goes_through_the_bus_or_else_pid1s_socket(monkeypatch, tmp_path, no_bus, fail,
