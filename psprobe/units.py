@@ -66,6 +66,10 @@ _ENV = {"LC_ALL": "C", "TZ": "UTC", "SYSTEMD_PAGER": "", "SYSTEMD_COLORS": "0"}
 # bus took PID 1 0.1-0.2 s less, and the --no-block start returned at once instead of
 # after 0.7-0.9 s (bench/fleet_systemd.py; the README's Performance).
 _BUS = {"SYSTEMCTL_FORCE_BUS": "1"}
+# What systemctl says when the bus cannot carry a call that PID 1's socket can: no D-Bus
+# daemon, or a bus policy or polkit that refuses a root without capabilities (the sync's
+# sandbox) where the socket only asks for root.
+_NOT_THROUGH_BUS = ("Failed to connect to bus", "Access denied", "authentication required")
 
 
 Systemctl = Callable[..., subprocess.CompletedProcess]
@@ -359,19 +363,14 @@ def systemctl(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
     """Run ``systemctl ARGS`` (text captured, never raising for its exit code).
 
     Through the system bus (see :data:`_BUS`); where it cannot carry the call (no D-Bus
-    daemon running, or it refuses), through PID 1's socket.  A machine without systemctl answers with exit
-    code 127, like a shell would.
+    daemon running, or it refuses), through PID 1's socket, within the same ``timeout``.
+    A machine without systemctl answers with exit code 127, like a shell would.
     """
+    deadline = time.monotonic() + timeout
     cp = _systemctl(args, {**os.environ, **_ENV, **_BUS}, timeout)
     if cp.returncode != 0 and any(m in cp.stderr for m in _NOT_THROUGH_BUS):
-        cp = _systemctl(args, {**os.environ, **_ENV}, timeout)
+        cp = _systemctl(args, {**os.environ, **_ENV}, max(0.0, deadline - time.monotonic()))
     return cp
-
-
-# What systemctl says when the bus cannot carry a call that PID 1's socket can: no D-Bus
-# daemon, or a bus policy or polkit that refuses a root without capabilities (the sync's
-# sandbox) where the socket only asks for root.
-_NOT_THROUGH_BUS = ("Failed to connect to bus", "Access denied", "authentication required")
 
 
 def _systemctl(args: tuple[str, ...], env: dict[str, str], timeout: float) -> subprocess.CompletedProcess:

@@ -282,6 +282,7 @@ def test_enabled_hosts_of_a_missing_dir_is_empty(tmp_path):
 
 FAKE_SYSTEMCTL = """#!/bin/sh
 echo "${SYSTEMCTL_FORCE_BUS:-socket} $*" >>"$0.calls"
+[ -z "$FAKE_SLOW" ] || sleep "$FAKE_SLOW"
 if [ "$SYSTEMCTL_FORCE_BUS" = 1 ] && [ -n "$FAKE_NO_BUS" ]; then
     echo "$FAKE_NO_BUS" >&2; exit 1
 fi
@@ -310,6 +311,21 @@ def test_systemctl_goes_through_the_bus_or_else_pid1s_socket(monkeypatch, tmp_pa
     cp = units.systemctl("daemon-reload")
     assert (cp.returncode, cp.stderr.strip()) == (rc, fail)
     assert (tmp_path / "systemctl.calls").read_text().splitlines() == calls
+
+
+def test_systemctl_through_the_socket_shares_the_timeout(monkeypatch, tmp_path):
+    """The bus refuses after 0.6 s; the socket's answer (0.6 s more) is past the 1 s given."""
+    fake = tmp_path / "systemctl"
+    fake.write_text(FAKE_SYSTEMCTL)
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:/usr/bin:/bin")  # sleep
+    monkeypatch.setenv("FAKE_NO_BUS", "Failed to reload daemon: Access denied")
+    monkeypatch.setenv("FAKE_FAIL", "")
+    monkeypatch.setenv("FAKE_SLOW", "0.6")
+    cp = units.systemctl("daemon-reload", timeout=1)
+    assert cp.returncode == 124
+    assert (tmp_path / "systemctl.calls").read_text().splitlines() == [
+        "1 daemon-reload", "socket daemon-reload"]
 
 
 def test_systemctl_missing_answers_127(monkeypatch, tmp_path):
