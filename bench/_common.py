@@ -47,10 +47,10 @@ def _set_up() -> None:
         env = {**os.environ, "PSPROBE_BENCH_SET_UP": "1"}
         if os.geteuid() == 0:
             env.setdefault("PSPROBE_SETUP_FULL", "1")
-        subprocess.run(["bash", str(ROOT / "tests" / "setup.sh")], env=env, check=True)
+        subprocess.run(["bash", str(ROOT / "tests" / "setup.sh")], env=env, check=True, timeout=1800)
         python = str(ROOT / ".venv" / "bin" / "python")
         os.execve(python, [python, *sys.argv], env)
-    subprocess.run(["bash", str(ROOT / "tests" / "broker.sh")], check=True)
+    subprocess.run(["bash", str(ROOT / "tests" / "broker.sh")], check=True, timeout=300)
 
 
 _set_up()
